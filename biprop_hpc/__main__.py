@@ -1,0 +1,3 @@
+from biprop_hpc.cli import main
+
+raise SystemExit(main())

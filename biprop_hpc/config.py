@@ -1,0 +1,231 @@
+"""The run configuration: one typed, validated object built from YAML files and then the command line.
+
+Precedence: defaults below < `base:` files (recursively) < the config file < command-line flags.
+Every key can be given on the command line as `--key-with-dashes VALUE`. Unknown keys and flags are
+errors naming the closest valid key. The object is passed explicitly; nothing reads a global.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from biprop_hpc.models.builder import EDGE_LAYER_TYPES, LAYER_TYPES
+from biprop_hpc.nn.init import WEIGHT_INITS
+
+# Old names accepted for compatibility with the original code: name -> key.
+# `prune_rate` was the original's name for the fraction of weights KEPT (not pruned).
+ALIASES = {"prune_rate": "keep_ratio"}
+
+CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "lr_schedule": ("cosine", "warmup_cosine", "multistep", "constant"),
+    "weight_init": tuple(WEIGHT_INITS),
+    "layer_type": LAYER_TYPES,
+    "first_layer": EDGE_LAYER_TYPES,
+    "last_layer": EDGE_LAYER_TYPES,
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("none", "bf16", "fp16"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is wrong; the message says which and how to fix it."""
+
+
+@dataclass
+class Config:
+    # --- run ---
+    name: str = ""                 # run name; defaults to the config file's stem
+    out: str = "runs"              # runs go to <out>/<config_name>/keep=<k>/<name>/
+    config_name: str = ""          # set from the config file's stem
+    seed: int = 0
+    device: str = "auto"           # auto: CUDA when available, else CPU
+    threads: int = 0               # torch CPU threads per process (0: torch's default)
+    save_every: int = 0            # also keep checkpoints/epoch_<N>.pt every N epochs (0: never)
+    resume: str = ""               # "", "auto" (the run directory's last.pt if present) or a checkpoint path
+    log_interval: int = 50         # TensorBoard scalars every N steps
+    amp: str = "none"              # mixed precision on CUDA: none | bf16 | fp16
+    channels_last: bool = False    # NHWC memory format (faster convolutions on recent GPUs)
+    # --- data ---
+    dataset: str = "fashion-mnist"
+    data: str = ""                 # dataset directory; "" means the dataset's standard location
+    val_fraction: float = 0.1      # held out from the training data to choose the best checkpoint
+    train_subset: int = 0          # use only the first N training images (0: all); for quick runs and tests
+    test_subset: int = 0           # evaluate only the first N test images (0: all)
+    batch_size: int = 128          # PER PROCESS (rank); the global batch is batch_size * world size
+    eval_batch_size: int = 512
+    augment: bool = True           # the dataset's standard training augmentation (none for IDX sets)
+    # --- model ---
+    model: str = "conv2"
+    width_mult: float = 1.0
+    layer_type: str = "biprop"     # biprop: search a ticket; dense: train the same network's weights
+    keep_ratio: float = 0.5        # fraction of each layer's weights KEPT (alias: prune_rate)
+    weight_init: str = "kn"
+    first_layer: str = "biprop"    # biprop | trained (dense, learned) | frozen (dense, random)
+    last_layer: str = "biprop"
+    learn_batchnorm: bool = False  # learn BN affine parameters (the paper's "+BN")
+    # --- optimisation ---
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4     # applied to the scores (and BN affine / dense weights when learned)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    epochs: int = 10
+    lr_reference_batch: int = 0    # > 0: lr is per this many images, scaled by global batch / this (Goyal et al.)
+    # --- distributed (Horovod) ---
+    fp16_allreduce: bool = False   # compress gradients to fp16 for the allreduce
+    backward_passes_per_step: int = 1  # gradient accumulation: backward passes per optimizer step
+
+    def validate(self) -> "Config":
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ConfigError(f"keep_ratio: {self.keep_ratio} must be in (0, 1]; it is the fraction of "
+                              "weights KEPT (the original's prune_rate means the same), e.g. --keep-ratio 0.5")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_interval", "backward_passes_per_step"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "width_mult"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        for key in ("save_every", "train_subset", "test_subset", "warmup_epochs", "threads",
+                    "lr_reference_batch"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.lr_schedule == "warmup_cosine" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        if self.lr_schedule == "multistep" and not self.milestones:
+            raise ConfigError("lr_schedule multistep needs milestones, e.g. --milestones 30 60 90")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas: give two numbers, got {self.adam_betas}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict, origin: str = "config") -> "Config":
+        return cls(**_checked(values, origin)).validate()
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def _closest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _checked(values: dict, origin: str) -> dict:
+    """Rename aliases, reject unknown keys, and coerce/verify each value's type."""
+    out = {}
+    for key, value in values.items():
+        key = ALIASES.get(key, key)
+        if key not in FIELDS:
+            raise ConfigError(f"{origin}: unknown key {key!r}{_closest(key)}")
+        out[key] = _coerce(key, value, origin)
+    return out
+
+
+def _coerce(key: str, value, origin: str):
+    kind = _TYPES[key]
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if kind is not str and isinstance(value, bool):
+                raise ValueError
+            return kind(value) if value is not None or kind is not str else ""
+        item = typing.get_args(kind)[0]
+        return [item(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """The keys of a YAML config, with its `base:` file(s) (relative to it) merged underneath."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. "
+                          "configs/fashion-mnist/conv2_mpt1-32.yaml)")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `base:` files form a cycle")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    bases = values.pop("base", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged.update(read_yaml(path.parent / base, _seen + (path.resolve(),)))
+    merged.update(_checked(values, str(path)))
+    return merged
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--key-with-dashes` flag per config key (and alias); values stay None unless given."""
+    group = parser.add_argument_group("config overrides (any key of the YAML config)")
+    for name in list(FIELDS) + list(ALIASES):
+        key = ALIASES.get(name, name)
+        kind = _TYPES[key]
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, dest=name, default=None, nargs="*", metavar=key.upper())
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=key.upper())
+
+
+def build_config(config_path: str | None, overrides: dict) -> Config:
+    """Defaults < YAML (with bases) < command-line `overrides` (keys with None values are ignored)."""
+    values = read_yaml(config_path) if config_path else {}
+    if config_path:
+        values.setdefault("config_name", Path(config_path).stem)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(_checked(given, "command line"))
+    values.setdefault("config_name", "default")
+    if not values.get("name"):
+        values["name"] = f"seed{values.get('seed', 0)}"
+    return Config.from_dict(values)
+
+
+def unknown_flag_error(flag: str) -> str:
+    key = flag.lstrip("-").split("=")[0].replace("-", "_")
+    hint = _closest(key)
+    if hint:
+        close = difflib.get_close_matches(key, list(FIELDS) + list(ALIASES), n=1, cutoff=0.5)[0]
+        hint = f"; did you mean --{close.replace('_', '-')}?"
+    return f"unknown option {flag}{hint}"

@@ -1,0 +1,173 @@
+"""BIPROP layers: a frozen random weight W, trainable scores S, and the binary effective weight.
+
+Forward (the same in train and eval):
+    M       = 1 on the n_keep entries of |S| with the largest values, 0 elsewhere
+    alpha   = sum(|W| * M) / n_keep                       (one scalar per layer)
+    W_eff   = sign(W) * alpha * M                          (values in {-alpha, 0, +alpha})
+Backward (straight-through estimator, scaled by the weight):
+    dL/dS   = dL/dW_eff * W * sign(S);   alpha and the selection are constants;  no gradient to W.
+
+Kept count: n_keep = numel - floor((1 - k) * numel), the original's rule; it is >= 1 for every k in (0, 1].
+Ties in |S| at the threshold are broken towards the lower flat index, so the mask is deterministic.
+The mask is found by selection (kthvalue), never by sorting the whole tensor.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from biprop_hpc.nn.init import init_scores_, init_weight_
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    keep_ratio = float(keep_ratio)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(
+            f"keep_ratio must be in (0, 1] (the fraction of weights KEPT), got {keep_ratio}; "
+            "e.g. keep_ratio 0.5 keeps half of every layer")
+    return keep_ratio
+
+
+def kept_count(numel: int, keep_ratio: float) -> int:
+    """How many of `numel` weights a layer keeps at keep ratio k: numel - floor((1 - k) * numel)."""
+    return numel - int((1.0 - check_keep_ratio(keep_ratio)) * numel)
+
+
+def topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Boolean mask of the `n_keep` entries with the largest |scores|; ties go to the lower flat index."""
+    magnitude = scores.detach().abs().flatten()
+    numel = magnitude.numel()
+    if n_keep >= numel:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # The n_keep-th largest value is the (numel - n_keep + 1)-th smallest: a selection, O(numel).
+    threshold = torch.kthvalue(magnitude, numel - n_keep + 1).values
+    above = magnitude > threshold
+    tied = magnitude == threshold
+    still_needed = n_keep - above.sum()
+    mask = above | (tied & (torch.cumsum(tied, 0) <= still_needed))
+    return mask.view_as(scores)
+
+
+class _BinaryMaskedWeight(torch.autograd.Function):
+    """W_eff = sign(W) * alpha * M(S); backward dL/dS = g * W * sign(S)."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, n_keep):
+        ctx.save_for_backward(scores, weight)
+        return binary_masked_weight(scores, weight, n_keep)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scores, weight = ctx.saved_tensors
+        return grad_output * weight * torch.sign(scores), None, None
+
+
+@torch.no_grad()
+def binary_masked_weight(scores: torch.Tensor, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
+    mask = topk_mask(scores, n_keep).to(weight.dtype)
+    alpha = (weight.abs() * mask).sum() / n_keep
+    return torch.sign(weight) * alpha * mask
+
+
+class BipropMixin:
+    """What BipropConv2d and BipropLinear share: frozen weight, scores, keep ratio, effective weight."""
+
+    def _init_biprop(self, keep_ratio: float, weight_init: str) -> None:
+        if self.bias is not None:
+            raise ValueError("BIPROP layers are bias-free (as in the paper); pass bias=False")
+        self.keep_ratio = keep_ratio
+        self.weight_init = weight_init
+        self.weight.requires_grad_(False)
+        init_weight_(self.weight, weight_init, self.keep_ratio)
+        self.scores = nn.Parameter(init_scores_(torch.empty_like(self.weight)))
+        self._cache = (None, None)
+
+    @property
+    def keep_ratio(self) -> float:
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value: float) -> None:
+        # Changing k on a built layer changes the mask only; W keeps the init it was drawn with.
+        self._keep_ratio = check_keep_ratio(value)
+
+    @property
+    def n_keep(self) -> int:
+        return kept_count(self.weight.numel(), self.keep_ratio)
+
+    def mask(self) -> torch.Tensor:
+        return topk_mask(self.scores, self.n_keep)
+
+    def alpha(self) -> torch.Tensor:
+        with torch.no_grad():
+            return (self.weight.abs() * self.mask()).sum() / self.n_keep
+
+    def effective_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.scores.requires_grad:
+            return _BinaryMaskedWeight.apply(self.scores, self.weight, self.n_keep)
+        # No graph needed (evaluation, export): reuse W_eff while scores, weight and k are unchanged.
+        key = (self.scores._version, self.scores.data_ptr(), self.weight._version,
+               self.weight.data_ptr(), self.n_keep)
+        if self._cache[0] != key:
+            self._cache = (key, binary_masked_weight(self.scores, self.weight, self.n_keep))
+        return self._cache[1]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, keep_ratio={self.keep_ratio}, weight_init={self.weight_init}"
+
+
+class BipropConv2d(BipropMixin, nn.Conv2d):
+    """nn.Conv2d whose frozen random weight is replaced by sign(W) * alpha * top-k mask of |scores|."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=False, *, keep_ratio: float, weight_init: str = "kn", **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, **kwargs)
+        self._init_biprop(keep_ratio, weight_init)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.effective_weight(), None)
+
+
+class BipropLinear(BipropMixin, nn.Linear):
+    """nn.Linear whose frozen random weight is replaced by sign(W) * alpha * top-k mask of |scores|."""
+
+    def __init__(self, in_features, out_features, bias=False, *, keep_ratio: float,
+                 weight_init: str = "kn", **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self._init_biprop(keep_ratio, weight_init)
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight())
+
+
+class _SignBiReal(torch.autograd.Function):
+    """sign with x >= 0 -> +1 (so outputs are exactly +-1); Bi-Real backward g * 2 * (1 - |clamp(x, -1, 1)|)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * 2 * (1 - x.clamp(-1, 1).abs())
+
+
+class BinaryActivation(nn.Module):
+    """Binary activation of MPT-1/1 networks: +1 for x >= 0, -1 for x < 0 (never 0)."""
+
+    def forward(self, x):
+        return _SignBiReal.apply(x)
+
+
+def biprop_layers(model: nn.Module):
+    """(name, layer) for every BIPROP layer of `model`, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BipropMixin)]
+
+
+def set_keep_ratio(model: nn.Module, keep_ratio: float) -> None:
+    """Change the keep ratio of every BIPROP layer of a built model."""
+    check_keep_ratio(keep_ratio)
+    for _, layer in biprop_layers(model):
+        layer.keep_ratio = keep_ratio

@@ -1,0 +1,46 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(str(path) + ".gz", "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def tiny_idx_dir(tmp_path):
+    """A generated 10-class IDX dataset (MNIST layout) of 8x8 images whose class is visible in the pixels."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 8, 8))
+        for i, label in enumerate(labels):  # a bright bar at a class-specific row
+            images[i, label % 8, :] = 250 if label < 8 else 120
+            images[i, :, label % 8] += 100 if label >= 8 else 0
+        return images.clip(0, 255), labels
+
+    train_images, train_labels = make(400)
+    test_images, test_labels = make(100)
+    write_idx(tmp_path / "train-images-idx3-ubyte", train_images, compress=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels, compress=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", test_images, compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_labels, compress=True)
+    return tmp_path
+
+
+@pytest.fixture
+def fashion_mnist():
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (env/install.sh does it)")
+    return FASHION_MNIST
