@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+log = logging.getLogger("biprop_hpc")
 from biprop_hpc.config import ConfigError, add_config_arguments, build_config, unknown_flag_error
 from biprop_hpc.data import DatasetMissing
 from biprop_hpc.dist import init_distributed
@@ -35,27 +36,32 @@ def _setup_logging(rank: int, size: int) -> None:
                         format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
+def _run(args, ctx) -> dict:
+    if args.command == "train":
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        from biprop_hpc.train import train
+        return train(build_config(args.config, overrides), ctx)
+    from biprop_hpc.train import evaluate_checkpoint
+    return evaluate_checkpoint(args.checkpoint, args.split, ctx, args.data, args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(unknown_flag_error(unknown[0]))
+    ctx = init_distributed()
+    _setup_logging(ctx.rank, ctx.size)
+    rank = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
     try:
-        if args.command == "train":
-            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-            cfg = build_config(args.config, overrides)
-            ctx = init_distributed()
-            _setup_logging(ctx.rank, ctx.size)
-            from biprop_hpc.train import train
-            result = train(cfg, ctx)
-        else:
-            ctx = init_distributed()
-            _setup_logging(ctx.rank, ctx.size)
-            from biprop_hpc.train import evaluate_checkpoint
-            result = evaluate_checkpoint(args.checkpoint, args.split, ctx, args.data, args.device)
+        result = _run(args, ctx)
     except (ConfigError, DatasetMissing, FileNotFoundError, ValueError) as error:
-        print(f"biprop: error: {error}", file=sys.stderr)
+        print(f"{rank}biprop: error: {error}", file=sys.stderr)
         return 2
+    except Exception:
+        # Under a launcher a non-zero exit makes it stop every other rank; say which rank failed first.
+        log.exception("rank %d of %d failed; the launcher ends the job", ctx.rank, ctx.size)
+        return 1
     if ctx.rank == 0:
         print(json.dumps(result, sort_keys=True))
     return 0

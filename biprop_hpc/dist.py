@@ -52,7 +52,10 @@ class Local:
     def broadcast_object(self, obj, name: str):
         return obj
 
-    def broadcast_state(self, model, optimizer) -> None:
+    def broadcast_model(self, model) -> None:
+        pass
+
+    def broadcast_optimizer(self, optimizer) -> None:
         pass
 
     def distributed_optimizer(self, optimizer, model, fp16_compression=False, backward_passes_per_step=1):
@@ -80,10 +83,20 @@ class HorovodContext(Local):
         # Every rank must pass the same name, or Horovod waits forever.
         return self.hvd.broadcast_object(obj, root_rank=0, name=name)
 
-    def broadcast_state(self, model, optimizer) -> None:
-        """Rank 0's parameters, buffers (BN statistics) and optimizer state to every rank."""
+    def broadcast_model(self, model) -> None:
+        """Rank 0's parameters and buffers (frozen weights, scores, BN statistics) to every rank."""
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    def broadcast_optimizer(self, optimizer) -> None:
+        """Rank 0's optimizer state (e.g. momentum after a resume) to every rank.
+
+        Not hvd.broadcast_optimizer_state: it initialises empty state with a zero-gradient step, which
+        moves parameters under weight decay and advances Adam's step count.
+        """
+        state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None,
+                                          root_rank=0, name="optimizer_state")
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
 
     def distributed_optimizer(self, optimizer, model, fp16_compression=False, backward_passes_per_step=1):
         """Gradients are SUMMED across ranks: the loop divides each rank's loss by the global batch size."""

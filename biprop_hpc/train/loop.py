@@ -100,7 +100,9 @@ class Run:
                                        self.splits.image_size).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(cfg, self.model)
+        # Wrapped before any state is loaded: Horovod's wrapper is a new optimizer with empty state.
+        self.optimizer = ctx.distributed_optimizer(make_optimizer(cfg, self.model), self.model,
+                                                   cfg.fp16_allreduce, cfg.backward_passes_per_step)
         self.train_batches = TrainBatches(self.splits.train, self.splits.info, cfg.batch_size, ctx.rank,
                                           ctx.size, cfg.seed, cfg.augment)
         self.val_batches = EvalBatches(self.splits.val, self.splits.info, cfg.eval_batch_size, ctx.rank, ctx.size)
@@ -114,9 +116,8 @@ class Run:
         self.state = {"epoch": 0, "history": {name: [] for name in METRICS}, "best_val_top1": -math.inf,
                       "best_epoch": -1, "start_time": now()}
         self._resume()
-        self.optimizer = ctx.distributed_optimizer(self.optimizer, self.model, cfg.fp16_allreduce,
-                                                   cfg.backward_passes_per_step)
-        ctx.broadcast_state(self.model, self.optimizer)
+        ctx.broadcast_model(self.model)
+        ctx.broadcast_optimizer(self.optimizer)
         self.record = RunRecord(self._attrs())
         self.writer = None
         if self.is_root:
@@ -204,7 +205,7 @@ class Run:
         steps = len(self.train_batches)
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.is_root and sys.stderr.isatty()))
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         for step, batch in enumerate(self.train_batches.epoch(epoch)):
             images = batch.images.to(device, non_blocking=True)
             if self.cfg.channels_last:
@@ -242,14 +243,14 @@ class Run:
             with skip():
                 self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
 
     def _finish(self) -> dict:
         """Evaluate the test set once, with the best checkpoint's model."""
         if self.is_root:
             best = load_checkpoint(self.checkpoints / "best.pt")
             self.model.load_state_dict(best["model"])
-        self.ctx.broadcast_state(self.model, self.optimizer)
+        self.ctx.broadcast_model(self.model)
         test = evaluate(self.model, self.test_batches, self.device, self.ctx, self.autocast)
         self.record.final = {"best_val_top1": self.state["best_val_top1"], "best_epoch": self.state["best_epoch"],
                              "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}

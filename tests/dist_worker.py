@@ -1,0 +1,76 @@
+"""Run by tests/test_distributed.py under a real launcher (mpirun or horovodrun); one mode per check.
+
+usage: dist_worker.py MODE OUT_DIR DATA_DIR
+  grad     one step's score gradients on this rank's half of a fixed global batch -> OUT/grad_<rank>.pt
+  shard    the sample indices this rank uses in epoch 0 -> OUT/shard_<rank>.pt; reduced validation metrics
+           of the seeded initial model -> OUT/val.json (rank 0)
+  train    a short search through Run.fit(); every rank saves its final model -> OUT/model_<rank>.pt
+  die      `biprop train` in which rank 1 raises during its first epoch; the job must end, non-zero
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from biprop_hpc.config import build_config
+from biprop_hpc.data import Batch
+from biprop_hpc.dist import init_distributed
+from biprop_hpc.train import Run
+from biprop_hpc.train.evaluate import evaluate
+
+
+def config(out_dir, data_dir, **overrides):
+    values = {"dataset": "mnist", "data": data_dir, "model": "conv2", "width_mult": 0.25, "epochs": 2,
+              "batch_size": 16, "eval_batch_size": 25, "val_fraction": 0.2, "out": out_dir, "lr": 0.05,
+              "threads": 1, "name": "run", "lr_schedule": "constant", **overrides}
+    return build_config(None, values)
+
+
+def main(mode, out_dir, data_dir, *extra):
+    out = Path(out_dir)
+    if mode == "die":
+        return die(out_dir, data_dir)
+    ctx = init_distributed()
+    overrides = dict(item.split("=", 1) for item in extra)
+    run = Run(config(out_dir, data_dir, **overrides), ctx)
+    if mode == "grad":
+        torch.manual_seed(1)  # the same global batch on every rank
+        images, labels = torch.randn(24, 1, 8, 8), torch.randint(0, 10, (24,))
+        mine = slice(ctx.rank, None, ctx.size)
+        batch = Batch(images[mine], labels[mine], global_size=24)
+        run.model.train()
+        loss = run.criterion(run.model(batch.images), batch.labels) / batch.global_size
+        loss.backward()
+        if hasattr(run.optimizer, "synchronize"):
+            run.optimizer.synchronize()  # the allreduce of the score gradients
+        grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+        torch.save(grads, out / f"grad_{ctx.rank}.pt")
+    elif mode == "shard":
+        torch.save(run.train_batches.epoch_indices(0), out / f"shard_{ctx.rank}.pt")
+        val = evaluate(run.model, run.val_batches, run.device, ctx, run.autocast)
+        if ctx.rank == 0:
+            (out / "val.json").write_text(json.dumps({**val, "world_size": ctx.size}))
+    elif mode == "train":
+        run.fit()
+        torch.save(run.model.state_dict(), out / f"model_{ctx.rank}.pt")
+
+
+def die(out_dir, data_dir):
+    from biprop_hpc import cli
+    from biprop_hpc.dist import detect_launcher
+    original = Run._train_epoch
+
+    def failing(self, epoch):
+        if self.ctx.rank == 1:
+            raise RuntimeError("a simulated fault on this rank")
+        return original(self, epoch)
+
+    Run._train_epoch = failing
+    assert detect_launcher()[1] > 1
+    return cli.main(["train", "--dataset", "mnist", "--data", data_dir, "--model", "conv2", "--width-mult",
+                     "0.25", "--out", out_dir, "--epochs", "50", "--batch-size", "16", "--threads", "1"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
