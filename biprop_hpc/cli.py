@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", allow_abbrev=False, help="score a checkpoint on a dataset split")
     evaluate.add_argument("--checkpoint", required=True, help="a .pt file from a run's checkpoints/")
-    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"))
+    evaluate.add_argument("--split", default="test", choices=("test", "val"))
     evaluate.add_argument("--data", default="", help="dataset directory (default: the one the run used)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return parser

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from biprop_hpc.data.build import IMAGE_TREE_DATASETS, LOADERS
+from biprop_hpc.data.datasets import DATASETS
 from biprop_hpc.models.builder import EDGE_LAYER_TYPES, LAYER_TYPES
 from biprop_hpc.nn.init import WEIGHT_INITS
 
@@ -32,6 +34,8 @@ CHOICES = {
     "last_layer": EDGE_LAYER_TYPES,
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),
+    "loader": LOADERS,
+    "dataset": tuple(DATASETS) + IMAGE_TREE_DATASETS,
 }
 
 
@@ -62,6 +66,13 @@ class Config:
     batch_size: int = 128          # PER PROCESS (rank); the global batch is batch_size * world size
     eval_batch_size: int = 512
     augment: bool = True           # the dataset's standard training augmentation (none for IDX sets)
+    # image trees (dataset imagefolder / imagenet): loader and preprocessing
+    loader: str = "auto"           # auto (DALI when installed, else torch) | dali | dali-cpu | torch
+    loader_workers: int = 4        # DALI threads / torch DataLoader worker processes per rank
+    crop_size: int = 224           # training random-resized-crop and evaluation centre-crop size
+    resize_size: int = 256         # evaluation: resize the shorter side to this, then centre crop
+    random_area_min: float = 0.08  # training crops cover [random_area_min, 1] of the image area
+    skip_bad_images: bool = False  # skip (and count) non-image files instead of stopping with an error
     # --- model ---
     model: str = "conv2"
     width_mult: float = 1.0
@@ -100,13 +111,16 @@ class Config:
             raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
-        for key in ("epochs", "batch_size", "eval_batch_size", "log_interval", "backward_passes_per_step"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_interval", "backward_passes_per_step",
+                    "crop_size", "resize_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "width_mult"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
-        for key in ("save_every", "train_subset", "test_subset", "warmup_epochs", "threads",
+        if not 0.0 < self.random_area_min <= 1.0:
+            raise ConfigError(f"random_area_min: {self.random_area_min} must be in (0, 1]")
+        for key in ("save_every", "train_subset", "test_subset", "warmup_epochs", "threads", "loader_workers",
                     "lr_reference_batch"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

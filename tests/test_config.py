@@ -5,6 +5,7 @@ import pytest
 from biprop_hpc.cli import main
 from biprop_hpc.config import Config, ConfigError, build_config, read_yaml
 from biprop_hpc.data import DATASETS
+from biprop_hpc.data.build import IMAGE_TREE_DATASETS
 from biprop_hpc.models import MODELS
 
 CONFIGS = sorted(p for p in Path(__file__).parent.parent.joinpath("configs").rglob("*.yaml")
@@ -83,7 +84,7 @@ def test_missing_config_file_says_where_configs_live(tmp_path):
 def test_shipped_configs_are_valid(path):
     cfg = build_config(str(path), {})
     assert cfg.model in MODELS
-    assert cfg.dataset in DATASETS
+    assert cfg.dataset in tuple(DATASETS) + IMAGE_TREE_DATASETS
 
 
 def test_config_round_trips_through_dict():

@@ -60,50 +60,71 @@ def crop_and_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip
     return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
-class TrainBatches:
-    """The training batches of one rank, epoch by epoch."""
+class TrainPlan:
+    """Which samples each step of an epoch uses on one rank; the same plan serves every loader."""
 
-    def __init__(self, split: Split, info: DatasetInfo, batch_size: int, rank: int, world_size: int,
-                 seed: int, augment: bool):
-        self.split, self.info = split, info
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.augment = augment and info.crop_padding > 0
-        self.bounds = global_batch_bounds(len(split), batch_size, world_size)
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.rank, self.world_size, self.seed = num_samples, rank, world_size, seed
+        self.bounds = global_batch_bounds(num_samples, batch_size, world_size)
+        self._cached = (None, None)
 
     def __len__(self) -> int:
         return len(self.bounds)
 
+    def steps(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        """(this rank's sample indices, global batch size) for every step of `epoch`."""
+        if self._cached[0] != epoch:
+            order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch))
+            self._cached = (epoch, [(order[start:end][self.rank::self.world_size], end - start)
+                                    for start, end in self.bounds])
+        return self._cached[1]
+
     def epoch_indices(self, epoch: int) -> list[torch.Tensor]:
-        """The sample indices this rank uses at each step of `epoch`."""
-        order = torch.randperm(len(self.split), generator=epoch_generator(self.seed, epoch))
-        return [order[start:end][self.rank::self.world_size] for start, end in self.bounds]
+        return [index for index, _ in self.steps(epoch)]
+
+
+def eval_steps(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[torch.Tensor, int]]:
+    """This rank's share of an evaluation split (samples rank, rank + world, ...), no padding."""
+    index = torch.arange(rank, num_samples, world_size)
+    return [(index[start:start + batch_size], num_samples) for start in range(0, len(index), batch_size)]
+
+
+class TrainBatches:
+    """The training batches of one rank from an in-memory split, epoch by epoch."""
+
+    def __init__(self, split: Split, info: DatasetInfo, batch_size: int, rank: int, world_size: int,
+                 seed: int, augment: bool):
+        self.split, self.info, self.seed = split, info, seed
+        self.augment = augment and info.crop_padding > 0
+        self.plan = TrainPlan(len(split), batch_size, rank, world_size, seed)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def epoch_indices(self, epoch: int) -> list[torch.Tensor]:
+        return self.plan.epoch_indices(epoch)
 
     def epoch(self, epoch: int):
-        generator = epoch_generator(self.seed, epoch)
-        order = torch.randperm(len(self.split), generator=generator)
         if self.augment:
-            pad = self.info.crop_padding
             # Drawn for every sample (indexed by sample), so augmentation does not depend on sharding.
+            generator = epoch_generator(self.seed + 1, epoch)
+            pad = self.info.crop_padding
             offsets = torch.randint(0, 2 * pad + 1, (2, len(self.split)), generator=generator)
             flips = torch.rand(len(self.split), generator=generator) < 0.5
-        for start, end in self.bounds:
-            index = order[start:end][self.rank::self.world_size]
+        for index, global_size in self.plan.steps(epoch):
             images = self.split.images[index]
             if self.augment:
                 images = crop_and_flip(images, offsets[0, index], offsets[1, index], flips[index], pad)
-            yield Batch(normalise(images, self.info), self.split.labels[index], end - start)
+            yield Batch(normalise(images, self.info), self.split.labels[index], global_size)
 
 
 class EvalBatches:
-    """This rank's share of an evaluation split: samples rank, rank + world, ... in order."""
+    """This rank's share of an in-memory evaluation split."""
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, rank: int, world_size: int):
-        self.index = torch.arange(rank, len(split), world_size)
-        self.split, self.info, self.batch_size = split, info, batch_size
-        self.total = len(split)
+        self.split, self.info = split, info
+        self.steps = eval_steps(len(split), batch_size, rank, world_size)
 
     def __iter__(self):
-        for start in range(0, len(self.index), self.batch_size):
-            index = self.index[start:start + self.batch_size]
-            yield Batch(normalise(self.split.images[index], self.info), self.split.labels[index],
-                        self.total)
+        for index, total in self.steps:
+            yield Batch(normalise(self.split.images[index], self.info), self.split.labels[index], total)

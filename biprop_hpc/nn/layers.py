@@ -7,10 +7,14 @@ Forward (the same in train and eval):
 Backward (straight-through estimator, scaled by the weight):
     dL/dS   = dL/dW_eff * W * sign(S);   alpha and the selection are constants;  no gradient to W.
 
-Kept count: n_keep = numel - floor((1 - k) * numel), the original's rule; it is >= 1 for every k in (0, 1].
+Kept count: n_keep = numel - floor((1 - k) * numel) in exact arithmetic (the original's rule without its
+floating-point error); it is >= 1 for every k in (0, 1].
 Ties in |S| at the threshold are broken towards the lower flat index, so the mask is deterministic.
 The mask is found by selection (kthvalue), never by sorting the whole tensor.
 """
+import math
+from fractions import Fraction
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -28,8 +32,14 @@ def check_keep_ratio(keep_ratio: float) -> float:
 
 
 def kept_count(numel: int, keep_ratio: float) -> int:
-    """How many of `numel` weights a layer keeps at keep ratio k: numel - floor((1 - k) * numel)."""
-    return numel - int((1.0 - check_keep_ratio(keep_ratio)) * numel)
+    """How many of `numel` weights a layer keeps at keep ratio k: numel - floor((1 - k) * numel).
+
+    Computed exactly, with k taken as the decimal it was written as (0.9 is 9/10, not 0.900000000000000022),
+    so kept_count(100, 0.9) is 90. The original's floating-point version gave 91 there. Equivalently
+    ceil(k * numel).
+    """
+    k = Fraction(repr(check_keep_ratio(keep_ratio)))
+    return numel - math.floor((1 - k) * numel)
 
 
 def topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -40,10 +50,13 @@ def topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     # The n_keep-th largest value is the (numel - n_keep + 1)-th smallest: a selection, O(numel).
     threshold = torch.kthvalue(magnitude, numel - n_keep + 1).values
-    above = magnitude > threshold
-    tied = magnitude == threshold
-    still_needed = n_keep - above.sum()
-    mask = above | (tied & (torch.cumsum(tied, 0) <= still_needed))
+    mask = magnitude >= threshold
+    # On the CPU, checking the count is free and ties are rare, so the tie-break pass usually is skipped;
+    # on a GPU the check would stall the stream, so the tie-break always runs there (it is cheap there).
+    if magnitude.is_cuda or int(mask.sum()) != n_keep:
+        above = magnitude > threshold
+        tied = magnitude == threshold
+        mask = above | (tied & (torch.cumsum(tied, 0) <= n_keep - above.sum()))
     return mask.view_as(scores)
 
 
@@ -63,9 +76,9 @@ class _BinaryMaskedWeight(torch.autograd.Function):
 
 @torch.no_grad()
 def binary_masked_weight(scores: torch.Tensor, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
-    mask = topk_mask(scores, n_keep).to(weight.dtype)
-    alpha = (weight.abs() * mask).sum() / n_keep
-    return torch.sign(weight) * alpha * mask
+    mask = topk_mask(scores, n_keep)
+    alpha = torch.where(mask, weight.abs(), 0).sum() / n_keep
+    return torch.where(mask, torch.sign(weight).mul_(alpha), 0)
 
 
 class BipropMixin:
@@ -105,6 +118,7 @@ class BipropMixin:
         if torch.is_grad_enabled() and self.scores.requires_grad:
             return _BinaryMaskedWeight.apply(self.scores, self.weight, self.n_keep)
         # No graph needed (evaluation, export): reuse W_eff while scores, weight and k are unchanged.
+        # In-place updates through `.data` do not bump `_version`; update scores through the tensor itself.
         key = (self.scores._version, self.scores.data_ptr(), self.weight._version,
                self.weight.data_ptr(), self.n_keep)
         if self._cache[0] != key:

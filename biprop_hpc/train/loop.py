@@ -21,7 +21,7 @@ from tqdm import tqdm
 import biprop_hpc
 from biprop_hpc.archive import METRICS, RunRecord, write_archive
 from biprop_hpc.config import Config
-from biprop_hpc.data import EvalBatches, TrainBatches, load_splits
+from biprop_hpc.data.build import build_data
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import biprop_layers
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
@@ -94,20 +94,15 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = ctx.device(cfg.device)
-        self.splits = load_splits(cfg.dataset, cfg.data, cfg.val_fraction, cfg.train_subset, cfg.test_subset)
+        self.data = build_data(cfg, ctx.rank, ctx.size, self.device)
         torch.manual_seed(cfg.seed)  # the frozen weights and initial scores are a function of the seed
-        self.model = model_from_config(cfg, self.splits.in_channels, self.splits.info.num_classes,
-                                       self.splits.image_size).to(self.device)
+        self.model = model_from_config(cfg, self.data.in_channels, self.data.num_classes,
+                                       self.data.image_size).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Wrapped before any state is loaded: Horovod's wrapper is a new optimizer with empty state.
         self.optimizer = ctx.distributed_optimizer(make_optimizer(cfg, self.model), self.model,
                                                    cfg.fp16_allreduce, cfg.backward_passes_per_step)
-        self.train_batches = TrainBatches(self.splits.train, self.splits.info, cfg.batch_size, ctx.rank,
-                                          ctx.size, cfg.seed, cfg.augment)
-        self.val_batches = EvalBatches(self.splits.val, self.splits.info, cfg.eval_batch_size, ctx.rank, ctx.size)
-        self.test_batches = EvalBatches(self.splits.test, self.splits.info, cfg.eval_batch_size, ctx.rank,
-                                        ctx.size)
         self.autocast = autocast_for(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and self.device.type == "cuda" else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
@@ -144,7 +139,8 @@ class Run:
         cfg, ctx = self.cfg, self.ctx
         return {"status": "running", "config": cfg.to_json(), "keep_ratio": cfg.keep_ratio,
                 "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": ctx.size,
-                "launcher": ctx.launcher, "controller": ctx.controller,
+                "launcher": ctx.launcher, "controller": ctx.controller, "loader": self.data.loader,
+                "skipped_files": len(self.data.skipped),
                 "start_time": self.state["start_time"], "end_time": "", **versions(ctx)}
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -172,7 +168,7 @@ class Run:
         start = time.perf_counter()
         train = self._train_epoch(epoch)
         seconds = time.perf_counter() - start
-        val = evaluate(self.model, self.val_batches, self.device, self.ctx, self.autocast)
+        val = evaluate(self.model, self.data.val, self.device, self.ctx, self.autocast)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "epoch_seconds": seconds, "images_per_second": train["count"] / seconds}
@@ -202,11 +198,11 @@ class Run:
         passes = self.cfg.backward_passes_per_step
         model.train()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        steps = len(self.train_batches)
+        steps = len(self.data.train)
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.is_root and sys.stderr.isatty()))
         optimizer.zero_grad()
-        for step, batch in enumerate(self.train_batches.epoch(epoch)):
+        for step, batch in enumerate(self.data.train.epoch(epoch)):
             images = batch.images.to(device, non_blocking=True)
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -251,7 +247,7 @@ class Run:
             best = load_checkpoint(self.checkpoints / "best.pt")
             self.model.load_state_dict(best["model"])
         self.ctx.broadcast_model(self.model)
-        test = evaluate(self.model, self.test_batches, self.device, self.ctx, self.autocast)
+        test = evaluate(self.model, self.data.test, self.device, self.ctx, self.autocast)
         self.record.final = {"best_val_top1": self.state["best_val_top1"], "best_epoch": self.state["best_epoch"],
                              "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
         self._write_archive("completed")
@@ -284,12 +280,11 @@ def train(cfg: Config, ctx) -> dict:
 
 
 def evaluate_checkpoint(path: str, split: str, ctx, data_dir: str = "", device: str = "auto") -> dict:
-    """Score a checkpoint's model on its dataset's `split` (test, val or train)."""
+    """Score a checkpoint's model on its dataset's `split` (test or val)."""
     checkpoint = load_checkpoint(Path(path))
-    cfg = Config.from_dict(checkpoint["config"], origin=str(path))
-    splits = load_splits(cfg.dataset, data_dir or cfg.data, cfg.val_fraction, cfg.train_subset, cfg.test_subset)
-    model = model_from_config(cfg, splits.in_channels, splits.info.num_classes, splits.image_size)
-    model.load_state_dict(checkpoint["model"])
+    cfg = Config.from_dict({**checkpoint["config"], **({"data": data_dir} if data_dir else {})}, origin=str(path))
     target = ctx.device(device)
-    batches = EvalBatches(getattr(splits, split), splits.info, cfg.eval_batch_size, ctx.rank, ctx.size)
-    return evaluate(model.to(target), batches, target, ctx, autocast_for(cfg, target))
+    data = build_data(cfg, ctx.rank, ctx.size, target)
+    model = model_from_config(cfg, data.in_channels, data.num_classes, data.image_size)
+    model.load_state_dict(checkpoint["model"])
+    return evaluate(model.to(target), getattr(data, split), target, ctx, autocast_for(cfg, target))
