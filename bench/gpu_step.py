@@ -16,7 +16,7 @@ from torch import nn
 from biprop_hpc.models import LayerBuilder, build_model
 
 
-def make_tree(root, images=1024, classes=8):
+def make_tree(root, images=2048, classes=8):
     """A JPEG tree of 320x256 random-texture images (decode and resize cost like ImageNet's)."""
     import numpy as np
     from PIL import Image

@@ -1,4 +1,4 @@
-"""Command-line entry points: `biprop train`, `biprop evaluate`. Thin: parse, then call the package."""
+"""Command-line entry points: `biprop train`, `biprop evaluate`, `biprop data`. Thin: parse, then call the package."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 log = logging.getLogger("biprop_hpc")
 from biprop_hpc.config import ConfigError, add_config_arguments, build_config, unknown_flag_error
 from biprop_hpc.data import DatasetMissing
+from biprop_hpc.data.check import add_data_commands
 from biprop_hpc.dist import init_distributed
 
 
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("test", "val"))
     evaluate.add_argument("--data", default="", help="dataset directory (default: the one the run used)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    add_data_commands(commands)
     return parser
 
 
@@ -37,6 +40,8 @@ def _setup_logging(rank: int, size: int) -> None:
 
 
 def _run(args, ctx) -> dict:
+    if args.command == "data":
+        return args.handler(args)
     if args.command == "train":
         overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         from biprop_hpc.train import train

@@ -42,14 +42,27 @@ def kept_count(numel: int, keep_ratio: float) -> int:
     return numel - math.floor((1 - k) * numel)
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor, by selection (never a full sort).
+
+    CPU: kthvalue (quickselect). CUDA: kthvalue runs one thread block per slice, far too slow for a
+    whole layer, so topk's multi-block radix select finds the smaller side of the split instead.
+    """
+    from_bottom = values.numel() - k + 1
+    if not values.is_cuda:
+        return torch.kthvalue(values, from_bottom).values
+    if k <= from_bottom:
+        return torch.topk(values, k, largest=True, sorted=False).values.min()
+    return torch.topk(values, from_bottom, largest=False, sorted=False).values.max()
+
+
 def topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Boolean mask of the `n_keep` entries with the largest |scores|; ties go to the lower flat index."""
     magnitude = scores.detach().abs().flatten()
     numel = magnitude.numel()
     if n_keep >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
-    # The n_keep-th largest value is the (numel - n_keep + 1)-th smallest: a selection, O(numel).
-    threshold = torch.kthvalue(magnitude, numel - n_keep + 1).values
+    threshold = kth_largest(magnitude, n_keep)
     mask = magnitude >= threshold
     # On the CPU, checking the count is free and ties are rare, so the tie-break pass usually is skipped;
     # on a GPU the check would stall the stream, so the tie-break always runs there (it is cheap there).

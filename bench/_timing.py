@@ -1,0 +1,41 @@
+"""Small timing helpers shared by the CPU benchmarks (bench/cpu_step.py, allreduce.py, loader.py)."""
+import statistics
+import time
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in milliseconds over `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median ms of each named callable, run in turn (a, b, a, b, ...) so drifts in machine load hit all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def table(header: list[str], rows: list[list], formats: list[str]) -> str:
+    """A plain right-aligned text table; `formats` are format specs per column (e.g. '.1f', 's')."""
+    cells = [[format(value, spec) if not isinstance(value, str) else value for value, spec in zip(row, formats)]
+             for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
