@@ -47,8 +47,8 @@ def main(mode, out_dir, data_dir, *extra):
         grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
         torch.save(grads, out / f"grad_{ctx.rank}.pt")
     elif mode == "shard":
-        torch.save(run.train_batches.epoch_indices(0), out / f"shard_{ctx.rank}.pt")
-        val = evaluate(run.model, run.val_batches, run.device, ctx, run.autocast)
+        torch.save(run.data.train.epoch_indices(0), out / f"shard_{ctx.rank}.pt")
+        val = evaluate(run.model, run.data.val, run.device, ctx, run.autocast)
         if ctx.rank == 0:
             (out / "val.json").write_text(json.dumps({**val, "world_size": ctx.size}))
     elif mode == "train":

@@ -205,7 +205,8 @@ def check_tree(root, skip_bad: bool = False, write_lists: bool = True, workers: 
     report = CheckReport(root, classes, counts, file_problems if skip_bad else [])
     if write_lists:
         for split in splits:
-            images = ImageList([p for p, _ in good[split]], [label for _, label in good[split]], classes)
+            images = ImageList([p for p, _ in good[split]], [label for _, label in good[split]], classes,
+                               [problem for problem in report.bad if problem.startswith(f"{root / split}/")])
             report.file_lists[split] = write_file_list(root, split, images)
         for split in SPLITS:   # a list left from a split that is gone would be read by load_split
             if split not in splits:

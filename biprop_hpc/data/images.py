@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from biprop_hpc.data.batches import Batch
-from biprop_hpc.data.tree import ImageList
+from biprop_hpc.data.tree import BadImage, ImageList
 
 log = logging.getLogger("biprop_hpc")
 
+PREFETCH = 2  # DALI batches prepared ahead of the one in use
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -66,7 +67,7 @@ def _dali_pipeline(source, training: bool, prep: Preprocess, gpu: bool, batch_si
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+                  prefetch_queue_depth=PREFETCH)
     def pipeline():
         encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True)
         decoder = "mixed" if gpu else "cpu"
@@ -111,16 +112,24 @@ class DaliLoader:
         return len(self.steps_of_epoch(0))  # the same for every epoch
 
     def epoch(self, epoch: int):
-        if self.iterator is None:
-            self._start(epoch)
-        if epoch != self.next_epoch:
-            raise RuntimeError(f"DALI loader: epochs run in order; expected epoch {self.next_epoch}, got {epoch}")
         steps = self.steps_of_epoch(epoch)
-        for (_, global_size), outputs in zip(steps, self.iterator):
-            images = outputs[0]["images"]
-            if self.prep.channels_last:  # NHWC data seen as an NCHW tensor in channels_last memory format
-                images = images.permute(0, 3, 1, 2)
-            yield Batch(images, outputs[0]["labels"].view(-1).long(), global_size)
+        step = 0
+        try:
+            if self.iterator is None:
+                self._start(epoch)
+            if epoch != self.next_epoch:
+                raise RuntimeError(f"DALI loader: epochs run in order; expected {self.next_epoch}, got {epoch}")
+            outputs_of_steps = iter(self.iterator)
+            for step, (_, global_size) in enumerate(steps):
+                outputs = next(outputs_of_steps)
+                images = outputs[0]["images"]
+                if self.prep.channels_last:  # NHWC data seen as an NCHW tensor in channels_last memory format
+                    images = images.permute(0, 3, 1, 2)
+                yield Batch(images, outputs[0]["labels"].view(-1).long(), global_size)
+        except RuntimeError as error:
+            # DALI does not know file names: find the culprit among this step's and the prefetched steps' files.
+            suspects = torch.cat([index for index, _ in steps[step:step + PREFETCH + 1]])
+            raise bad_image_in(self.images, suspects, error) from None
         self.iterator.reset()
         self.next_epoch = epoch + 1
 
@@ -128,6 +137,17 @@ class DaliLoader:
         """Evaluation: the same steps every time."""
         epoch = 0 if self.next_epoch is None else self.next_epoch
         return self.epoch(epoch)
+
+
+def bad_image_in(images: ImageList, index, error) -> Exception:
+    """The decoding error of a step, named by the file that caused it (found by decoding the step's files)."""
+    from biprop_hpc.data.check import decode_problem
+    for i in index.tolist():
+        problem = decode_problem(str(images.files[i]))
+        if problem:
+            return BadImage(f"{images.files[i]} {problem}; run `biprop data check DIR --skip-bad-images` "
+                            "to leave such files out")
+    return error
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -139,8 +159,12 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        with Image.open(self.images.files[i]) as image:
-            return self.transform(image.convert("RGB")), self.images.labels[i]
+        try:
+            with Image.open(self.images.files[i]) as image:
+                return self.transform(image.convert("RGB")), self.images.labels[i]
+        except OSError as error:  # PIL's UnidentifiedImageError and truncation errors
+            raise BadImage(f"{self.images.files[i]} does not decode ({error}); run `biprop data check DIR "
+                           "--skip-bad-images` to leave such files out") from None
 
 
 def torch_transform(training: bool, prep: Preprocess):
