@@ -58,8 +58,8 @@ def make_loader(kind: str, training: bool, images, batch: int, workers: int):
         steps = eval_steps(len(images), batch, 0, 1)
         steps_of_epoch = lambda epoch: steps  # noqa: E731
     if kind == "dali":
-        return DaliLoader(images, steps_of_epoch, training, prep, torch.device("cpu"), batch, workers,
-                          seed=0, cpu_only=True)
+        return DaliLoader(images, steps_of_epoch, training, prep, torch.device("cpu"), workers, seed=0,
+                          cpu_only=True)
     return TorchLoader(images, steps_of_epoch, training, prep, workers, seed=0)
 
 

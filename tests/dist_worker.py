@@ -6,6 +6,7 @@ usage: dist_worker.py MODE OUT_DIR DATA_DIR
            of the seeded initial model -> OUT/val.json (rank 0)
   train    a short search through Run.fit(); every rank saves its final model -> OUT/model_<rank>.pt
   die      `biprop train` in which rank 1 raises during its first epoch; the job must end, non-zero
+  dali     DALI (CPU) reads this rank's share of an image tree (DATA_DIR) for two epochs -> OUT/dali_<rank>.pt
 """
 import json
 import sys
@@ -31,6 +32,8 @@ def main(mode, out_dir, data_dir, *extra):
     out = Path(out_dir)
     if mode == "die":
         return die(out_dir, data_dir)
+    if mode == "dali":
+        return dali(out, data_dir)
     ctx = init_distributed()
     overrides = dict(item.split("=", 1) for item in extra)
     run = Run(config(out_dir, data_dir, **overrides), ctx)
@@ -54,6 +57,22 @@ def main(mode, out_dir, data_dir, *extra):
     elif mode == "train":
         run.fit()
         torch.save(run.model.state_dict(), out / f"model_{ctx.rank}.pt")
+
+
+def dali(out, tree):
+    from biprop_hpc.data.batches import TrainPlan
+    from biprop_hpc.data.images import DaliLoader, Preprocess
+    from biprop_hpc.data.tree import scan_split
+    ctx = init_distributed()
+    images = scan_split(tree, "train")
+    plan = TrainPlan(len(images), 4, ctx.rank, ctx.size, seed=7)
+    loader = DaliLoader(images, plan.steps, True, Preprocess(24, 28, 0.5), torch.device("cpu"), 1, seed=ctx.rank,
+                        cpu_only=True)
+    epochs = {epoch: [(index, batch.labels, batch.images.shape[0], batch.global_size)
+                      for index, batch in zip(plan.epoch_indices(epoch), loader.epoch(epoch))]
+              for epoch in (0, 1)}
+    torch.save({"epochs": epochs, "labels": images.labels, "steps": len(plan)}, out / f"dali_{ctx.rank}.pt")
+    return 0
 
 
 def die(out_dir, data_dir):

@@ -31,7 +31,7 @@ def tree(tmp_path):
 
 
 def loaders(images, steps_of_epoch, training, batch):
-    return {"dali": DaliLoader(images, steps_of_epoch, training, PREP, CPU, batch, 2, seed=0, cpu_only=True),
+    return {"dali": DaliLoader(images, steps_of_epoch, training, PREP, CPU, 2, seed=0, cpu_only=True),
             "torch": TorchLoader(images, steps_of_epoch, training, PREP, workers=0, seed=0)}
 
 
@@ -70,7 +70,7 @@ def test_both_loaders_agree_on_evaluation_preprocessing(tree):
 def test_dali_follows_the_plan_epoch_after_epoch(tree):
     images = scan_split(tree, "train")
     plan = TrainPlan(len(images), 4, 0, 1, seed=3)
-    loader = DaliLoader(images, plan.steps, True, PREP, CPU, 4, 2, seed=0, cpu_only=True)
+    loader = DaliLoader(images, plan.steps, True, PREP, CPU, 2, seed=0, cpu_only=True)
     for epoch in (2, 3):  # a resumed run starts at a later epoch
         labels = torch.cat([b.labels for b in loader.epoch(epoch)]).tolist()
         assert labels == [images.labels[i] for index in plan.epoch_indices(epoch) for i in index]
@@ -87,10 +87,33 @@ def test_a_corrupt_jpeg_is_named(tree, loader, tmp_path):
         list(made.epoch(0))
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_dali_under_mpirun_reads_every_file_once_per_epoch(tmp_path, ranks):
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=3, per_class={"train": 9, "val": 1})  # 27 files: uneven shards, short last step
+    worker = Path(__file__).with_name("dist_worker.py")
+    done = subprocess.run(["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable,
+                           str(worker), "dali", str(tmp_path), str(tree)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **ROOT_MPI})
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [torch.load(tmp_path / f"dali_{r}.pt") for r in range(ranks)]
+    assert len({r["steps"] for r in results}) == 1
+    for epoch in (0, 1):
+        seen = []
+        for result in results:
+            steps = result["epochs"][epoch]
+            assert len(steps) == result["steps"]
+            for index, labels, size, global_size in steps:
+                assert size == len(index) and labels.tolist() == [result["labels"][i] for i in index]
+                seen += index.tolist()
+        assert sorted(seen) == list(range(27))  # every file once, nothing padded or repeated
+
+
+ROOT_MPI = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+
+
 def biprop(*args, launcher=(), timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ROOT_MPI}
     return subprocess.run([*launcher, sys.executable, "-m", "biprop_hpc", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 

@@ -77,17 +77,17 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
 
     def evaluation(images):
         steps = eval_steps(len(images), cfg.eval_batch_size, rank, world_size)
-        return make(images, lambda epoch: steps, False, cfg.eval_batch_size)
+        return make(images, lambda epoch: steps, False)
 
-    def make(images, steps_of_epoch, training, batch_size):
+    def make(images, steps_of_epoch, training):
         if loader == "torch":
             return TorchLoader(images, steps_of_epoch, training, prep, cfg.loader_workers, cfg.seed + rank)
-        return DaliLoader(images, steps_of_epoch, training, prep, device, batch_size, cfg.loader_workers,
-                          cfg.seed + rank, cpu_only=loader == "dali-cpu")
+        return DaliLoader(images, steps_of_epoch, training, prep, device, cfg.loader_workers, cfg.seed + rank,
+                          cpu_only=loader == "dali-cpu")
 
     skipped = train.skipped + val.skipped + test.skipped
     for problem in skipped:
         log.warning("skipped %s", problem)
-    return Data(make(train, plan.steps, True, cfg.batch_size), evaluation(val), evaluation(test), 3, len(train.classes),
+    return Data(make(train, plan.steps, True), evaluation(val), evaluation(test), 3, len(train.classes),
                 cfg.crop_size, loader, skipped)
 

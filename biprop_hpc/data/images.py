@@ -94,11 +94,13 @@ class DaliLoader:
     """Batches of one rank through a DALI pipeline; `steps_of_epoch(epoch)` is the plan."""
 
     def __init__(self, images: ImageList, steps_of_epoch, training: bool, prep: Preprocess,
-                 device: torch.device, batch_size: int, threads: int, seed: int, cpu_only: bool = False):
+                 device: torch.device, threads: int, seed: int, cpu_only: bool = False):
         self.images, self.steps_of_epoch, self.training, self.prep = images, steps_of_epoch, training, prep
         self.gpu = device.type == "cuda" and not cpu_only
-        self.device, self.batch_size, self.threads, self.seed = device, batch_size, threads, seed
-        self.iterator, self.next_epoch = None, None
+        self.device, self.threads, self.seed = device, threads, seed
+        # The largest step of the plan (a short remainder joins the last global batch), the same every epoch.
+        self.batch_size = max(len(index) for index, _ in steps_of_epoch(0))
+        self.iterator, self.next_epoch, self.unfinished = None, None, False
 
     def _start(self, epoch: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -112,6 +114,8 @@ class DaliLoader:
         return len(self.steps_of_epoch(0))  # the same for every epoch
 
     def epoch(self, epoch: int):
+        if self.unfinished:  # the previous epoch's consumer stopped right after its last batch
+            self._finish_epoch()
         steps = self.steps_of_epoch(epoch)
         step = 0
         try:
@@ -119,19 +123,28 @@ class DaliLoader:
                 self._start(epoch)
             if epoch != self.next_epoch:
                 raise RuntimeError(f"DALI loader: epochs run in order; expected {self.next_epoch}, got {epoch}")
-            outputs_of_steps = iter(self.iterator)
             for step, (_, global_size) in enumerate(steps):
-                outputs = next(outputs_of_steps)
+                outputs = next(self.iterator)  # not iter(): DALI's __iter__ resets a consumed iterator
                 images = outputs[0]["images"]
                 if self.prep.channels_last:  # NHWC data seen as an NCHW tensor in channels_last memory format
                     images = images.permute(0, 3, 1, 2)
+                self.unfinished = step == len(steps) - 1
                 yield Batch(images, outputs[0]["labels"].view(-1).long(), global_size)
         except RuntimeError as error:
             # DALI does not know file names: find the culprit among this step's and the prefetched steps' files.
             suspects = torch.cat([index for index, _ in steps[step:step + PREFETCH + 1]])
             raise bad_image_in(self.images, suspects, error) from None
-        self.iterator.reset()
-        self.next_epoch = epoch + 1
+        self._finish_epoch()
+
+    def _finish_epoch(self):
+        try:  # the source has ended the epoch: nothing is left but DALI's StopIteration
+            next(self.iterator)
+        except StopIteration:
+            self.iterator.reset()
+        else:
+            raise RuntimeError("DALI loader: the pipeline returned more batches than the plan has steps")
+        self.next_epoch += 1
+        self.unfinished = False
 
     def __iter__(self):
         """Evaluation: the same steps every time."""
