@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 log = logging.getLogger("biprop_hpc")
@@ -50,7 +51,14 @@ def _run(args, ctx) -> dict:
     return evaluate_checkpoint(args.checkpoint, args.split, ctx, args.data, args.device)
 
 
+def _interrupt(signum, frame):
+    # A scheduler's SIGTERM (time limit, scancel) ends the run like Ctrl-C: the archive says "interrupted"
+    # and the last checkpoint stays, so `--resume auto` continues it.
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -63,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetMissing, FileNotFoundError, ValueError) as error:
         print(f"{rank}biprop: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as reason:
+        log.warning("%sinterrupted (%s); continue with --resume auto", rank, reason or "Ctrl-C")
+        return 130
     except Exception:
         # Under a launcher a non-zero exit makes it stop every other rank; say which rank failed first.
         log.exception("rank %d of %d failed; the launcher ends the job", ctx.rank, ctx.size)

@@ -174,12 +174,12 @@ def _coerce(key: str, value, origin: str):
             if str(value).lower() in ("false", "no", "0", "off"):
                 return False
             raise ValueError
-        if kind in (int, float, str):
-            if kind is int and isinstance(value, float) and not value.is_integer():
+        if kind is str:
+            return "" if value is None else str(value)  # `data:` left empty in YAML means ""
+        if kind in (int, float):
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            if kind is not str and isinstance(value, bool):
-                raise ValueError
-            return kind(value) if value is not None or kind is not str else ""
+            return kind(value)
         item = typing.get_args(kind)[0]
         return [item(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
     except (TypeError, ValueError):

@@ -172,3 +172,27 @@ def test_end_to_end_search_on_fashion_mnist(tmp_path, fashion_mnist):
     evaluated = biprop("evaluate", "--checkpoint", str(ckpt), "--split", "test")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["top1"] == result["test_top1"]
+
+
+def test_sigterm_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny_idx_dir):
+    import signal
+    import time
+    args = ["train", "--dataset", "mnist", "--data", str(tiny_idx_dir), "--model", "conv2", "--width-mult", "0.25",
+            "--batch-size", "16", "--threads", "1", "--out", str(tmp_path), "--name", "long"]
+    process = subprocess.Popen([sys.executable, "-m", "biprop_hpc", *args, "--epochs", "200"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    archive = tmp_path / "default/keep=0.5/long/archive.h5"
+    deadline = time.monotonic() + 120
+    while not archive.exists() and time.monotonic() < deadline:  # the first epoch has finished
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume auto" in stderr and "Traceback" not in stderr
+    record = read_archive(archive)
+    assert record.attrs["status"] == "interrupted" and record.attrs["end_time"]
+    done_epochs = load_checkpoint(archive.parent / "checkpoints/last.pt")["state"]["epoch"]
+    assert done_epochs >= 1 and record.metrics["epoch"][-1] >= done_epochs
+    resumed = biprop(*args, "--epochs", str(done_epochs + 1), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_archive(archive).metrics["epoch"] == list(range(1, done_epochs + 2))

@@ -130,6 +130,8 @@ class Run:
                                  f"the config asks for {self.cfg.model}")
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scaler and checkpoint.get("scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
             torch.set_rng_state(checkpoint["rng"])
             self.state = checkpoint["state"]
             log.info("resumed from %s after epoch %d", path, self.state["epoch"])
@@ -261,7 +263,8 @@ class Run:
     def _save(self, filename: str) -> None:
         save_checkpoint(self.checkpoints / filename, {
             "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": torch.get_rng_state()})
+            "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler else None})
 
     def _write_archive(self, status: str) -> None:
         if not self.is_root:
