@@ -131,7 +131,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={c['munge_socket']},cred_expire=10
 StateSaveLocation={c['root']}/state
-SlurmdSpoolDir={c['root']}/spool/%n
+SlurmdSpoolDir={c['root']}/spool
 SlurmctldPidFile={c['root']}/run/slurmctld.pid
 SlurmdPidFile={c['root']}/run/slurmd.pid
 SlurmctldLogFile={c['root']}/log/slurmctld.log
@@ -280,7 +280,7 @@ def _teardown(cluster: SlurmCluster) -> None:
     ctld, slurmd = cluster.procs.get("slurmctld"), cluster.procs.get("slurmd")
     if ctld is not None and ctld.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            cluster.run("scancel", "--full", "--partition=debug", timeout=10)
+            cluster.run("scancel", "--partition=debug", timeout=10)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 queue = cluster.run("squeue", "-h", "-t", "all", "-o", "%i %T", timeout=10)
