@@ -277,6 +277,7 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
 
 
 def _teardown(cluster: SlurmCluster) -> None:
+    ours = set(_processes_with(f"SLURM_CONF={cluster.conf}"))  # daemons, slurmstepd, job tasks
     ctld, slurmd = cluster.procs.get("slurmctld"), cluster.procs.get("slurmd")
     if ctld is not None and ctld.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -300,3 +301,8 @@ def _teardown(cluster: SlurmCluster) -> None:
     munged = cluster.procs.get("munged")
     if munged is not None:
         _stop(munged, grace=5)
+    # slurmstepd is reparented to init when slurmd exits; give init a moment to reap it, so that a
+    # `pgrep slurm` right after the tests finds nothing (not even a <defunct> entry).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ours):
+        time.sleep(0.1)
