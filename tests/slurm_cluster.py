@@ -103,6 +103,8 @@ class SlurmCluster:
             rc = proc.poll()
             parts.append(f"{name} (pid {proc.pid}): " + ("running" if rc is None else f"EXITED with {rc}"))
         for name, path in self.logs.items():
+            if not path.exists():  # munged in the foreground logs to its stdout, not --log-file
+                continue
             parts.append(f"--- {name} log tail ({path}):\n{tail(path)}")
         return "\n".join(parts)
 
