@@ -280,7 +280,7 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
 
 def _teardown(cluster: SlurmCluster) -> None:
     ours = set(_processes_with(f"SLURM_CONF={cluster.conf}"))  # daemons, slurmstepd, job tasks
-    ctld, slurmd = cluster.procs.get("slurmctld"), cluster.procs.get("slurmd")
+    ctld = cluster.procs.get("slurmctld")
     if ctld is not None and ctld.poll() is None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             cluster.run("scancel", "--partition=debug", timeout=10)

@@ -1,5 +1,4 @@
 """Training under a real one-node Slurm cluster: `srun --mpi=pmix` and `sbatch --wait` (see slurm_cluster.py)."""
-import os
 import shlex
 import sys
 from pathlib import Path

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from biprop_hpc.data.batches import EvalBatches, TrainBatches, TrainPlan, eval_steps
-from biprop_hpc.data.datasets import VAL_SPLIT_SEED, load_splits
+from biprop_hpc.data.datasets import held_out_split, load_splits
 from biprop_hpc.data.images import DaliLoader, Preprocess, TorchLoader, dali_available
 from biprop_hpc.data.readers import DatasetMissing
 from biprop_hpc.data.tree import load_split
@@ -62,11 +62,12 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
     if (root / "test").is_dir():
         val = load_split(root, "val", train.classes, cfg.skip_bad_images)
         test = load_split(root, "test", train.classes, cfg.skip_bad_images)
+        skipped = train.skipped + val.skipped + test.skipped
     else:  # val/ is the test set (as for ImageNet); hold a validation split out of train/
         test = load_split(root, "val", train.classes, cfg.skip_bad_images)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-        n_val = int(round(cfg.val_fraction * len(train)))
-        train, val = train.subset(order[n_val:].sort().values.tolist()), train.subset(order[:n_val].sort().values.tolist())
+        skipped = train.skipped + test.skipped
+        train_idx, val_idx = held_out_split(len(train), cfg.val_fraction)
+        train, val = train.subset(train_idx.tolist()), train.subset(val_idx.tolist())
     if cfg.train_subset:
         train = train.subset(range(min(cfg.train_subset, len(train))))
     if cfg.test_subset:
@@ -85,9 +86,9 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
         return DaliLoader(images, steps_of_epoch, training, prep, device, cfg.loader_workers, cfg.seed + rank,
                           cpu_only=loader == "dali-cpu")
 
-    skipped = train.skipped + val.skipped + test.skipped
-    for problem in skipped:
-        log.warning("skipped %s", problem)
+    if skipped and rank == 0:
+        log.warning("%d files skipped (listed in %s/filelist/*.skipped.txt), e.g. %s", len(skipped), root,
+                    "; ".join(skipped[:3]))
     return Data(make(train, plan.steps, True), evaluation(val), evaluation(test), 3, len(train.classes),
                 cfg.crop_size, loader, skipped)
 

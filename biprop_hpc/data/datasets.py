@@ -41,6 +41,14 @@ DATASETS = {
 }
 
 
+def held_out_split(num_samples: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices, sorted: a fixed permutation (independent of the run's seed) of which
+    the first round(val_fraction * num_samples) are held out for validation."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    n_val = int(round(val_fraction * num_samples))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
 @dataclass
 class Split:
     images: torch.Tensor   # uint8, N x C x H x W
@@ -85,8 +93,6 @@ def load_splits(dataset: str, data_dir: str = "", val_fraction: float = 0.1,
         train = Split(train.images[:train_subset], train.labels[:train_subset])
     if test_subset:
         test = Split(test.images[:test_subset], test.labels[:test_subset])
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    n_val = int(round(val_fraction * len(train)))
-    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    train_idx, val_idx = held_out_split(len(train), val_fraction)
     return DataSplits(Split(train.images[train_idx], train.labels[train_idx]),
                       Split(train.images[val_idx], train.labels[val_idx]), test, info)

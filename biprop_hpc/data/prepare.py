@@ -19,10 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from biprop_hpc.data.datasets import DATASETS, VAL_SPLIT_SEED
+from biprop_hpc.data.datasets import DATASETS, held_out_split
 from biprop_hpc.data.readers import DatasetMissing, read_idx_split
 
 log = logging.getLogger("biprop_hpc")
@@ -76,13 +75,6 @@ def _select(labels: np.ndarray, limit: int, num_classes: int) -> np.ndarray:
     return np.array(sorted(keep), dtype=np.int64)
 
 
-def _split_indices(n_train: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices into the IDX training set, exactly as load_splits chooses them."""
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    n_val = int(round(val_fraction * n_train))
-    return order[n_val:].sort().values.numpy(), order[:n_val].sort().values.numpy()
-
-
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         if not out_dir.is_dir():
@@ -128,7 +120,7 @@ def prepare_fashion_mnist_tree(out_dir, source_dir="", val_fraction=0.1, quality
     test_images, test_labels = read_idx_split(source, "test", info.how_to_get)
     train_images, test_images = train_images[:, 0].numpy(), test_images[:, 0].numpy()
     train_labels, test_labels = train_labels.numpy(), test_labels.numpy()
-    train_idx, val_idx = _split_indices(len(train_labels), val_fraction)
+    train_idx, val_idx = (index.numpy() for index in held_out_split(len(train_labels), val_fraction))
     classes = safe_class_names(FASHION_MNIST_CLASSES)
     width = len(str(max(len(train_labels), len(test_labels)) - 1))
 
