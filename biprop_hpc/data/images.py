@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from biprop_hpc.data.batches import Batch
+from biprop_hpc.data.batches import Batch, epoch_generator
 from biprop_hpc.data.tree import BadImage, ImageList
 
 log = logging.getLogger("biprop_hpc")
@@ -205,7 +205,7 @@ class TorchLoader:
         steps = self.steps_of_epoch(epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[index.tolist() for index, _ in steps], num_workers=self.workers,
-            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch),
+            generator=epoch_generator(self.seed, epoch),
             persistent_workers=False, pin_memory=False)
         for (_, global_size), (images, labels) in zip(steps, loader):
             yield Batch(images, labels, global_size)

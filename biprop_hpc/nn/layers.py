@@ -117,8 +117,13 @@ class _BinaryMaskedWeight(torch.autograd.Function):
 def binary_masked_weight(scores: torch.Tensor, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
     # Multiplying by the mask is about 3x faster on the CPU than torch.where with a scalar (measured).
     mask = topk_mask(scores, n_keep).to(weight.dtype)
-    alpha = torch.dot(weight.abs().flatten(), mask.flatten()) / n_keep
-    return torch.sign(weight).mul_(alpha).mul_(mask)
+    return torch.sign(weight).mul_(kept_mean_magnitude(weight, mask, n_keep)).mul_(mask)
+
+
+@torch.no_grad()
+def kept_mean_magnitude(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """alpha = sum(|W| * M) / n_keep, for a mask M of 0/1 (bool or weight's dtype)."""
+    return torch.dot(weight.abs().flatten(), mask.flatten().to(weight.dtype)) / n_keep
 
 
 class BipropMixin:
@@ -151,8 +156,7 @@ class BipropMixin:
         return topk_mask(self.scores, self.n_keep)
 
     def alpha(self) -> torch.Tensor:
-        with torch.no_grad():
-            return (self.weight.abs() * self.mask()).sum() / self.n_keep
+        return kept_mean_magnitude(self.weight, self.mask(), self.n_keep)
 
     def effective_weight(self) -> torch.Tensor:
         if torch.is_grad_enabled() and self.scores.requires_grad:
