@@ -1,17 +1,23 @@
-"""Command-line entry points: `biprop train`, `biprop evaluate`, `biprop data`. Thin: parse, then call the package."""
+"""Command-line entry points: `biprop train | evaluate | data | jobs | results`. Thin: parse, then call the package.
+
+Exit codes: see biprop_hpc/train/stopping.py (0 done, 1 failed, 2 bad input, 75 checkpointed, 130 Ctrl-C).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import signal
 import sys
 
-log = logging.getLogger("biprop_hpc")
+from biprop_hpc.archive.results import add_results_commands
 from biprop_hpc.config import ConfigError, add_config_arguments, build_config, unknown_flag_error
 from biprop_hpc.data import DatasetMissing
 from biprop_hpc.data.check import add_data_commands
 from biprop_hpc.dist import init_distributed
+from biprop_hpc.jobs import add_jobs_commands
+from biprop_hpc.train.stopping import CHECKPOINTED_EXIT, RunCheckpointed, StopRequests
+
+log = logging.getLogger("biprop_hpc")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
     add_data_commands(commands)
+    add_jobs_commands(commands)
+    add_results_commands(commands)
     return parser
 
 
@@ -40,25 +48,20 @@ def _setup_logging(rank: int, size: int) -> None:
                         format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
-def _run(args, ctx) -> dict:
-    if args.command == "data":
+def _run(args, ctx, stop: StopRequests) -> dict:
+    if hasattr(args, "handler"):  # data, jobs, results: commands that register their own handler
         return args.handler(args)
     if args.command == "train":
         overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         from biprop_hpc.train import train
-        return train(build_config(args.config, overrides), ctx)
+        return train(build_config(args.config, overrides), ctx, stop)
     from biprop_hpc.train import evaluate_checkpoint
     return evaluate_checkpoint(args.checkpoint, args.split, ctx, args.data, args.device)
 
 
-def _interrupt(signum, frame):
-    # A scheduler's SIGTERM (time limit, scancel) ends the run like Ctrl-C: the archive says "interrupted"
-    # and the last checkpoint stays, so `--resume auto` continues it.
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
+    # First of all: a scheduler's warning (SIGUSR1) or SIGTERM arriving during start-up must not kill us.
+    stop = StopRequests().install()
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -67,17 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(ctx.rank, ctx.size)
     rank = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
     try:
-        result = _run(args, ctx)
+        result = _run(args, ctx, stop)
     except (ConfigError, DatasetMissing, FileNotFoundError, ValueError) as error:
         print(f"{rank}biprop: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as reason:
-        log.warning("%sinterrupted (%s); continue with --resume auto", rank, reason or "Ctrl-C")
+    except RunCheckpointed:
+        return CHECKPOINTED_EXIT
+    except KeyboardInterrupt:
+        log.warning("%sinterrupted (Ctrl-C); continue with --resume auto", rank)
         return 130
     except Exception:
         # Under a launcher a non-zero exit makes it stop every other rank; say which rank failed first.
         log.exception("rank %d of %d failed; the launcher ends the job", ctx.rank, ctx.size)
         return 1
-    if ctx.rank == 0:
+    if ctx.rank == 0 and result is not None:  # the result as one JSON line, for scripts
         print(json.dumps(result, sort_keys=True))
     return 0

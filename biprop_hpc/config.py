@@ -54,6 +54,7 @@ class Config:
     threads: int = 0               # torch CPU threads per process (0: torch's default)
     save_every: int = 0            # also keep checkpoints/epoch_<N>.pt every N epochs (0: never)
     resume: str = ""               # "", "auto" (the run directory's last.pt if present) or a checkpoint path
+    new_name: bool = False         # if the run directory holds a run: use <name>_2, <name>_3, ... (else an error)
     log_interval: int = 50         # TensorBoard scalars every N steps
     amp: str = "none"              # mixed precision on CUDA: none | bf16 | fp16
     channels_last: bool = False    # NHWC memory format (faster convolutions on recent GPUs)
@@ -98,7 +99,10 @@ class Config:
     lr_reference_batch: int = 0    # > 0: lr is per this many images, scaled by global batch / this (Goyal et al.)
     # --- distributed (Horovod) ---
     fp16_allreduce: bool = False   # compress gradients to fp16 for the allreduce
+    sync_batchnorm: bool = False   # BN batch statistics over the global batch (Horovod SyncBatchNorm)
     backward_passes_per_step: int = 1  # gradient accumulation: backward passes per optimizer step
+    # --- metadata (not used by training) ---
+    paper_top1: float = 0.0        # the paper's reported test top-1 for this experiment (0: none), shown by results
 
     def validate(self) -> "Config":
         for key, choices in CHOICES.items():
@@ -131,6 +135,10 @@ class Config:
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas: give two numbers, got {self.adam_betas}")
         return self
+
+    def run_dir(self) -> Path:
+        """Where this run lives: <out>/<config_name>/keep=<k>/<name>/."""
+        return Path(self.out) / self.config_name / f"keep={self.keep_ratio:g}" / self.name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,12 +1,18 @@
 """Run by tests/test_distributed.py under a real launcher (mpirun or horovodrun); one mode per check.
 
-usage: dist_worker.py MODE OUT_DIR DATA_DIR
+usage: dist_worker.py MODE OUT_DIR DATA_DIR [key=value ...]
   grad     one step's score gradients on this rank's half of a fixed global batch -> OUT/grad_<rank>.pt
   shard    the sample indices this rank uses in epoch 0 -> OUT/shard_<rank>.pt; reduced validation metrics
            of the seeded initial model -> OUT/val.json (rank 0)
-  train    a short search through Run.fit(); every rank saves its final model -> OUT/model_<rank>.pt
+  train    a short search through Run.fit(); every rank saves its model as it is after the last epoch,
+           BEFORE the final broadcast of the best checkpoint -> OUT/model_<rank>.pt; exits 75 when the
+           run stops on a stop request (see stop_at)
+  scaler   builds (and so resumes) the run, saves its gradient scaler's state -> OUT/scaler_<rank>.pt
   die      `biprop train` in which rank 1 raises during its first epoch; the job must end, non-zero
   dali     DALI (CPU) reads this rank's share of an image tree (DATA_DIR) for two epochs -> OUT/dali_<rank>.pt
+key=value pairs are config overrides, and for `train` also:
+  force_best=1      validation reports top-1 0 after epoch 1, so epoch 1 is the best one
+  stop_at=S:R       rank R records a stop request (as the SIGUSR1 handler would) at global step S
 """
 import json
 import sys
@@ -19,6 +25,7 @@ from biprop_hpc.data import Batch
 from biprop_hpc.dist import init_distributed
 from biprop_hpc.train import Run
 from biprop_hpc.train.evaluate import evaluate
+from biprop_hpc.train.stopping import CHECKPOINTED_EXIT, RunCheckpointed
 
 
 def config(out_dir, data_dir, **overrides):
@@ -36,7 +43,11 @@ def main(mode, out_dir, data_dir, *extra):
         return dali(out, data_dir)
     ctx = init_distributed()
     overrides = dict(item.split("=", 1) for item in extra)
+    force_best = overrides.pop("force_best", None)
+    stop_at = overrides.pop("stop_at", None)
     run = Run(config(out_dir, data_dir, **overrides), ctx)
+    if force_best:
+        force_best_epoch_1(run)
     if mode == "grad":
         torch.manual_seed(1)  # the same global batch on every rank
         images, labels = torch.randn(24, 1, 8, 8), torch.randint(0, 10, (24,))
@@ -55,8 +66,48 @@ def main(mode, out_dir, data_dir, *extra):
         if ctx.rank == 0:
             (out / "val.json").write_text(json.dumps({**val, "world_size": ctx.size}))
     elif mode == "train":
-        run.fit()
-        torch.save(run.model.state_dict(), out / f"model_{ctx.rank}.pt")
+        finish = run._finish
+
+        def save_then_finish():  # every rank's own model, before the best checkpoint is broadcast
+            torch.save(run.model.state_dict(), out / f"model_{ctx.rank}.pt")
+            return finish()
+
+        run._finish = save_then_finish
+        if stop_at:
+            request_stop_at(run, *map(int, stop_at.split(":")))
+        try:
+            run.fit()
+        except RunCheckpointed:
+            return CHECKPOINTED_EXIT
+    elif mode == "scaler":
+        torch.save(run.scaler.state_dict(), out / f"scaler_{ctx.rank}.pt")
+
+
+def force_best_epoch_1(run):
+    """Validation after epochs 2, 3, ... reports top-1 0, so epoch 1 stays the best; test evaluation is real."""
+    import biprop_hpc.train.loop as loop
+    real = loop.evaluate
+
+    def evaluate(model, batches, *args):
+        result = real(model, batches, *args)
+        if batches is run.data.val and run.state["epoch"] >= 1:
+            result = {**result, "top1": 0.0}
+        return result
+
+    loop.evaluate = evaluate
+
+
+def request_stop_at(run, global_step, rank):
+    """Record a stop request on `rank` after `global_step` optimizer steps, as the signal handler does."""
+    step_once, steps = run._optimizer_step, []
+
+    def step():
+        step_once()
+        steps.append(1)
+        if len(steps) == global_step and run.ctx.rank == rank:
+            run.stop.reason = "SIGUSR1"
+
+    run._optimizer_step = step
 
 
 def dali(out, tree):

@@ -148,3 +148,91 @@ def test_two_rank_dali_search_on_the_fashion_mnist_tree(tmp_path, fashion_mnist)
     record = read_archive(archives[0])
     assert record.attrs["world_size"] == 2 and record.attrs["loader"] == "dali-cpu"
     assert record.attrs["dali_version"]
+
+
+def test_training_crops_depend_on_seed_epoch_and_sample_only(tree):
+    """The same sample gets the same crop and flip whatever the loader, its rank's shard or where a resumed
+    epoch starts; the two loaders then see the same pixels up to their resampling filters."""
+    from biprop_hpc.data.images import crop_window
+    images = scan_split(tree, "train")
+    one = TrainPlan(len(images), 6, 0, 1, seed=5)
+    two = [TrainPlan(len(images), 3, rank, 2, seed=5) for rank in range(2)]
+    made = loaders(images, one.steps, True, 6)
+    # Each sample's crop from one process equals the one it gets on its rank under two ranks.
+    whole = {int(i): image for b, index in zip(made["dali"].epoch(1), one.epoch_indices(1))
+             for i, image in zip(index, b.images)}
+    for rank, plan in enumerate(two):
+        shard = DaliLoader(images, plan.steps, True, PREP, CPU, 1, seed=0, cpu_only=True)
+        for batch, index in zip(shard.epoch(1), plan.epoch_indices(1)):
+            for i, image in zip(index.tolist(), batch.images):
+                assert torch.equal(image, whole[i]), (rank, i)
+    # A run resumed at step 2 of epoch 1 gets the rest of the epoch exactly.
+    for name in ("dali", "torch"):
+        rest = loaders(images, one.steps, True, 6)[name]
+        tail = torch.cat([b.images for b in rest.epoch(1, start=2)])
+        full = torch.cat([b.images for b in loaders(images, one.steps, True, 6)[name].epoch(1)])
+        assert torch.equal(tail, full[-len(tail):]), name
+    # Both loaders cut the same window (compared on the largest images, where resampling differs least).
+    torch_batches = torch.cat([b.images for b in made["torch"].epoch(1)])
+    dali_batches = torch.cat([whole[int(i)][None] for index in one.epoch_indices(1) for i in index])
+    from PIL import Image
+    order = [int(i) for index in one.epoch_indices(1) for i in index]
+    for position, i in enumerate(order):
+        with Image.open(images.files[i]) as image:
+            if min(image.size) < 150:
+                continue
+        difference = (dali_batches[position] - torch_batches[position]).abs().mean()
+        assert difference < 0.05, (images.files[i], difference)
+    windows = {crop_window(0, epoch, 3, 300, 200, 0.3) for epoch in range(6)}
+    assert len(windows) > 1  # epochs differ
+    assert crop_window(0, 2, 3, 300, 200, 0.3) == crop_window(0, 2, 3, 300, 200, 0.3)
+
+
+@pytest.mark.parametrize("loader", ["dali-cpu", "torch"])
+def test_an_empty_validation_split_trains_through_both_loaders(tmp_path, loader):
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=3, per_class={"train": 6, "val": 2})  # no test/: val/ is the test set
+    done = biprop("train", "--dataset", "imagenet", "--data", str(tree), "--loader", loader, "--val-fraction",
+                  "0.01", "--crop-size", "16", "--resize-size", "18", "--model", "conv2", "--width-mult", "0.25",
+                  "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    assert "no validation split" in done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "best_val_top1" not in result and result["best_epoch"] == 2
+    record = read_archive(next((tmp_path / "runs").rglob("archive.h5")))
+    assert record.attrs["status"] == "completed" and "best_val_top1" not in record.final
+
+
+def test_two_rank_dali_bn_run_stopped_mid_epoch_resumes_exactly(tmp_path):
+    """A BN model read through DALI (CPU) by 2 ranks, stopped mid-epoch and resumed: the same final scores,
+    BN statistics and metrics as an uninterrupted 2-rank run."""
+    tree = tmp_path / "tree"
+    make_image_tree(tree, classes=3, per_class={"train": 12, "val": 3, "test": 3})
+    worker = Path(__file__).with_name("dist_worker.py")
+    common = ["dataset=imagefolder", "loader=dali-cpu", "loader_workers=1", "crop_size=16", "resize_size=18",
+              "random_area_min=0.3", "model=conv2_bin", "width_mult=0.25", "batch_size=3", "epochs=2",
+              "eval_batch_size=4"]
+
+    def launch(out, *extra):
+        return subprocess.run(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", sys.executable,
+                               str(worker), "train", str(out), str(tree), *common, *extra], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **ROOT_MPI, "OMP_NUM_THREADS": "1"})
+
+    done = launch(tmp_path / "whole")
+    assert done.returncode == 0, done.stderr
+    done = launch(tmp_path / "split", "stop_at=3:1")
+    assert done.returncode == 75, done.stderr
+    state = torch.load(next((tmp_path / "split").rglob("last.pt")), weights_only=False)["state"]
+    assert (state["epoch"], state["step"]) == (0, 4)
+    done = launch(tmp_path / "split", "resume=auto")
+    assert done.returncode == 0, done.stderr
+    for rank in range(2):
+        whole = torch.load(tmp_path / f"whole/model_{rank}.pt")
+        resumed = torch.load(tmp_path / f"split/model_{rank}.pt")
+        assert any("running_var" in name for name in whole)
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), (rank, name)
+    a, b = (read_archive(next((tmp_path / run).rglob("archive.h5"))) for run in ("whole", "split"))
+    for name in ("train_loss", "train_top1", "val_loss", "val_top1"):
+        assert a.metrics[name] == b.metrics[name], name
+    assert a.final == b.final and len(b.restarts) == 1

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from biprop_hpc.nn import (BinaryActivation, BipropConv2d, BipropLinear, biprop_layers, check_keep_ratio,
@@ -240,7 +241,7 @@ def test_set_keep_ratio_on_a_model():
         set_keep_ratio(model, 0)
 
 
-# ---------------------------------------------------------------- evaluation cache
+# ---------------------------------------------------------------- evaluation: W_eff always follows the scores
 
 def _eval_output(layer, x):
     with torch.no_grad():
@@ -253,7 +254,7 @@ def _reference_output(layer, x):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd_foreach", "adam", "adam_foreach"])
-def test_eval_cache_invalidated_by_optimizer_step(optimizer):
+def test_eval_output_follows_an_optimizer_step(optimizer):
     layer = make_conv(0.3).eval()
     x = torch.randn(2, 6, 6, 6)
     before = _eval_output(layer, x)
@@ -270,7 +271,7 @@ def test_eval_cache_invalidated_by_optimizer_step(optimizer):
     assert torch.allclose(after, _reference_output(layer, x), rtol=1e-5, atol=1e-6)
 
 
-def test_eval_cache_invalidated_by_inplace_copy_and_keep_ratio():
+def test_eval_output_follows_inplace_copies_and_keep_ratio():
     layer = make_conv(0.5).eval()
     x = torch.randn(2, 6, 6, 6)
     before = _eval_output(layer, x)
@@ -283,6 +284,38 @@ def test_eval_cache_invalidated_by_inplace_copy_and_keep_ratio():
     assert torch.allclose(_eval_output(layer, x), _reference_output(layer, x), rtol=1e-5, atol=1e-6)
     layer.load_state_dict({"weight": layer.weight.clone(), "scores": torch.randn_like(layer.scores)})
     assert torch.allclose(_eval_output(layer, x), _reference_output(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_output_follows_writes_that_do_not_bump_the_version():
+    """Horovod's broadcast writes parameters in place through `.data`, leaving `_version` unchanged."""
+    layer = make_conv(0.4).eval()
+    x = torch.randn(2, 6, 6, 6)
+    before = _eval_output(layer, x)
+    version = layer.scores._version
+    layer.scores.data.copy_(torch.randn_like(layer.scores))
+    assert layer.scores._version == version
+    after = _eval_output(layer, x)
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, _reference_output(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_effective_weights_compute_once_and_are_dropped_on_exit(monkeypatch):
+    from biprop_hpc.nn import fixed_effective_weights
+    from biprop_hpc.nn import layers as layers_module
+    model = nn.Sequential(make_conv(0.4), nn.ReLU(), make_conv(0.4, seed=1, cin=8)).eval()
+    x = torch.randn(2, 6, 6, 6)
+    calls = []
+    original = layers_module.binary_masked_weight
+    monkeypatch.setattr(layers_module, "binary_masked_weight", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad(), fixed_effective_weights(model):
+        inside = [model(x) for _ in range(3)]
+    assert len(calls) == 2   # once per layer, not once per forward
+    assert all(torch.equal(out, inside[0]) for out in inside)
+    model[0].scores.data.copy_(torch.randn_like(model[0].scores))
+    with torch.no_grad():
+        expected = F.conv2d(torch.relu(_reference_output(model[0], x)),
+                            reference_effective_weight(model[2].weight, model[2].scores, model[2].n_keep)[0], None, 1, 1)
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- binary activation

@@ -1,7 +1,10 @@
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -115,9 +118,10 @@ def test_archive_contents(tmp_path, tiny_idx_dir):
     assert record.final["test_top1"] == result["test_top1"]
     assert record.final["best_val_top1"] == max(record.metrics["val_top1"])
     assert record.metrics["val_top1"][record.final["best_epoch"] - 1] == record.final["best_val_top1"]
-    run = Run(cfg, Local())  # the same seed builds the same layers
     from biprop_hpc.nn import biprop_layers
-    layers = biprop_layers(run.model)
+    from biprop_hpc.train.loop import model_from_config
+    torch.manual_seed(cfg.seed)  # the same seed builds the same layers
+    layers = biprop_layers(model_from_config(cfg, in_channels=1, num_classes=10, image_size=8))
     assert [row["name"] for row in record.layers] == [name for name, _ in layers]
     for row, (_, layer) in zip(record.layers, layers):
         assert row["weights"] == layer.weight.numel()
@@ -174,18 +178,52 @@ def test_end_to_end_search_on_fashion_mnist(tmp_path, fashion_mnist):
     assert json.loads(evaluated.stdout)["top1"] == result["test_top1"]
 
 
-def test_sigterm_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny_idx_dir):
-    import signal
+def run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, name, epochs):
+    """`biprop train` as a subprocess, returned once its first epoch's archive exists."""
     import time
-    args = ["train", "--dataset", "mnist", "--data", str(tiny_idx_dir), "--model", "conv2", "--width-mult", "0.25",
-            "--batch-size", "16", "--threads", "1", "--out", str(tmp_path), "--name", "long"]
-    process = subprocess.Popen([sys.executable, "-m", "biprop_hpc", *args, "--epochs", "200"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    archive = tmp_path / "default/keep=0.5/long/archive.h5"
+    args = ["train", "--dataset", "mnist", "--data", str(tiny_idx_dir), "--model", "conv2_bin", "--width-mult", "0.25",
+            "--batch-size", "4", "--threads", "1", "--out", str(tmp_path), "--name", name, "--lr-schedule", "constant"]
+    process = subprocess.Popen([sys.executable, "-m", "biprop_hpc", *args, "--epochs", str(epochs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    archive = tmp_path / f"default/keep=0.5/{name}/archive.h5"
     deadline = time.monotonic() + 120
-    while not archive.exists() and time.monotonic() < deadline:  # the first epoch has finished
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    while not archive.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()
+    return process, args, archive
+
+
+def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterrupted_run(tmp_path, tiny_idx_dir):
+    """The scheduler's warning signal, for real: exit 75, a checkpoint at the step where it arrived, and
+    `--resume auto` finishing with the metrics and scores of an uninterrupted run."""
+    import signal
+    epochs = 4
+    process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "split", epochs)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr
+    assert "SIGUSR1: checkpointed at epoch" in stderr and "Traceback" not in stderr
+    assert read_archive(archive).attrs["status"] == "checkpointed"
+    stopped = load_checkpoint(archive.parent / "checkpoints/last.pt")["state"]
+    assert stopped["stop_reason"] == "SIGUSR1" and 1 <= stopped["epoch"] < epochs
+    resumed = biprop(*args, "--epochs", str(epochs), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = biprop(*[a if a != "split" else "whole" for a in args], "--epochs", str(epochs))
+    assert whole.returncode == 0, whole.stderr
+    a, b = read_archive(archive), read_archive(archive.parent.parent / "whole/archive.h5")
+    for name in ("epoch", "train_loss", "train_top1", "val_loss", "val_top1"):
+        assert a.metrics[name] == b.metrics[name], name
+    assert a.final == b.final
+    assert [(r["epoch"], r["step"], r["reason"]) for r in a.restarts] == [(stopped["epoch"], stopped["step"], "SIGUSR1")]
+    final_a = load_checkpoint(archive.parent / "checkpoints/last.pt")["model"]
+    final_b = load_checkpoint(archive.parent.parent / "whole/checkpoints/last.pt")["model"]
+    assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
+
+
+def test_ctrl_c_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny_idx_dir):
+    import signal
+    process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "long", 200)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "--resume auto" in stderr and "Traceback" not in stderr
@@ -195,4 +233,71 @@ def test_sigterm_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tin
     assert done_epochs >= 1 and record.metrics["epoch"][-1] >= done_epochs
     resumed = biprop(*args, "--epochs", str(done_epochs + 1), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    assert read_archive(archive).metrics["epoch"] == list(range(1, done_epochs + 2))
+    record = read_archive(archive)
+    assert record.metrics["epoch"] == list(range(1, done_epochs + 2))
+    assert [r["reason"] for r in record.restarts] == ["interrupted (SIGINT)"]
+
+
+def file_hashes(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_completed_run_is_never_overwritten(tmp_path, tiny_idx_dir):
+    args = ["train", "--dataset", "mnist", "--data", str(tiny_idx_dir), "--model", "conv2", "--width-mult", "0.25",
+            "--epochs", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert biprop(*args).returncode == 0
+    run_dir = tmp_path / "default/keep=0.5/seed0"
+    before = file_hashes(run_dir)
+    again = biprop(*args)
+    assert again.returncode == 2
+    assert str(run_dir) in again.stderr and "--resume auto" in again.stderr and "--name" in again.stderr
+    requeued = biprop(*args, "--resume", "auto")  # a requeued job of a run that has finished: nothing to do
+    assert requeued.returncode == 0 and "completed already" in requeued.stderr
+    longer = biprop(*args[:-4], "--epochs", "2", "--threads", "1", "--out", str(tmp_path), "--resume", "auto")
+    assert longer.returncode == 2 and "completed run of 1 epochs" in longer.stderr
+    assert file_hashes(run_dir) == before
+    other = biprop(*args, "--new-name")
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["run_dir"] == str(tmp_path / "default/keep=0.5/seed0_2")
+    assert file_hashes(run_dir) == before
+
+
+def test_without_a_validation_split_best_val_is_absent_not_nan(tmp_path, tiny_idx_dir, caplog):
+    result = train(tiny_config(tmp_path, tiny_idx_dir, epochs=2, val_fraction=0.0), Local())
+    assert "best_val_top1" not in result and result["best_epoch"] == 2
+    record = read_archive(tmp_path / "runs/default/keep=0.5/seed0/archive.h5")
+    assert "best_val_top1" not in record.final and record.final["best_epoch"] == 2
+    assert "no validation split" in caplog.text
+    assert not any(math.isnan(v) for v in record.final.values())
+
+
+def test_archive_is_written_where_file_locking_is_unavailable(tmp_path):
+    """Lustre/GPFS/NFS mounts without flock: simulated with a preloaded flock() that fails with ENOLCK, as
+    such mounts do. A default h5py.File(..., "w") fails there (checked, so the simulation is real); ours
+    does not, and a reader gets the archive back."""
+    import shutil
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.fail("needs a C compiler to build the flock shim (apt-get install gcc)")
+    source = tmp_path / "noflock.c"
+    source.write_text("#include <errno.h>\nint flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n")
+    shim = tmp_path / "libnoflock.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source)], check=True)
+    script = f"""
+import sys, h5py
+from biprop_hpc.archive import RunRecord, read_archive, write_archive
+try:
+    h5py.File({str(tmp_path / 'default.h5')!r}, "w").close()
+    print("default locking: wrote")
+except OSError as error:
+    print("default locking: failed", error)
+record = RunRecord({{"status": "running", "config": "{{}}"}})
+write_archive({str(tmp_path / 'archive.h5')!r}, record)
+print("ours:", read_archive({str(tmp_path / 'archive.h5')!r}).attrs["status"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "LD_PRELOAD": str(shim), "HDF5_USE_FILE_LOCKING": ""})
+    assert done.returncode == 0, done.stderr
+    assert "default locking: failed" in done.stdout, done.stdout
+    assert "ours: running" in done.stdout

@@ -1,33 +1,48 @@
 """The HDF5 run archive (`archive.h5`): everything a run leaves for later aggregation.
 
-Schema (version 1):
-  /            attributes: schema_version, status (running|completed|failed|interrupted), config (JSON),
-               keep_ratio, model, dataset, seed, world_size, launcher, controller, start_time, end_time
-               (ISO 8601, UTC), python_version, torch_version, biprop_hpc_version, horovod_version,
-               dali_version ("" when absent)
+Schema (version 2; version 1 files, which lack the restart records and the heartbeat, are still read):
+  /            attributes: schema_version, status (running | checkpointed | completed | failed | interrupted),
+               config (JSON), keep_ratio, model, dataset, seed, epochs (planned), world_size, launcher,
+               controller, loader, skipped_files, job_id (the scheduler's, "" outside one), start_time,
+               end_time, heartbeat (ISO 8601, UTC; refreshed at every write, i.e. at least once per epoch),
+               python_version, torch_version, biprop_hpc_version, horovod_version, dali_version ("" when absent)
   /metrics/    1-D datasets, one entry per completed epoch: epoch, lr, train_loss, train_top1, val_loss,
                val_top1, val_top5, epoch_seconds, images_per_second
-  /final       attributes: best_val_top1, best_epoch, test_loss, test_top1, test_top5 (once the run completed)
+  /final       attributes once the run completed: best_epoch, test_loss, test_top1, test_top5, and
+               best_val_top1 when the run had a validation split (absent, never NaN, when it had none)
   /layers      compound table, one row per BIPROP layer: name, weights, kept, alpha
+  /restarts    compound table, one row per continuation of the run: time (ISO 8601 UTC), epoch (epochs
+               finished before it), step (steps of the next epoch already done), reason (why the previous
+               process stopped, e.g. "SIGUSR1", or "unknown (no stop recorded)" after a kill)
 
-The whole file is rewritten to a temporary name and renamed over the old one after every epoch, so a
-killed run always leaves a complete, readable archive of its last finished epoch.
+`status` checkpointed means the run stopped on a signal after writing a mid-epoch checkpoint, and waits for a
+continuation (`--resume auto`). The whole file is written to a temporary name and renamed over the old one
+(with fsync) at every update, so a killed run always leaves a complete, readable archive. HDF5 file locking
+is off: readers never block a writer, and file systems without flock (many Lustre/GPFS/NFS mounts) work.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+from biprop_hpc.files import replace_atomically
+
+SCHEMA_VERSION = 2
+STATUSES = ("running", "checkpointed", "completed", "failed", "interrupted")
 METRICS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
            "epoch_seconds", "images_per_second")
 LAYER_DTYPE = np.dtype([("name", h5py.string_dtype()), ("weights", np.int64), ("kept", np.int64),
                         ("alpha", np.float64)])
+RESTART_DTYPE = np.dtype([("time", h5py.string_dtype()), ("epoch", np.int64), ("step", np.int64),
+                          ("reason", h5py.string_dtype())])
+
+
+class ArchiveError(ValueError):
+    """A file that is not a readable run archive of a schema this version knows; the message says why."""
 
 
 @dataclass
@@ -35,7 +50,8 @@ class RunRecord:
     attrs: dict
     metrics: dict = field(default_factory=lambda: {name: [] for name in METRICS})
     final: dict = field(default_factory=dict)
-    layers: list = field(default_factory=list)   # dicts with name, weights, kept, alpha
+    layers: list = field(default_factory=list)     # dicts with name, weights, kept, alpha
+    restarts: list = field(default_factory=list)   # dicts with time, epoch, step, reason
 
     @property
     def config(self) -> dict:
@@ -43,33 +59,53 @@ class RunRecord:
 
 
 def write_archive(path: str | Path, record: RunRecord) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
-        h5.attrs["schema_version"] = SCHEMA_VERSION
-        for key, value in record.attrs.items():
-            h5.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses too
-        metrics = h5.create_group("metrics")
-        for name in METRICS:
-            dtype = np.int64 if name == "epoch" else np.float64
-            metrics.create_dataset(name, data=np.asarray(record.metrics[name], dtype=dtype))
-        final = h5.create_group("final")
-        for key, value in record.final.items():
-            final.attrs[key] = value
-        rows = [(layer["name"], layer["weights"], layer["kept"], layer["alpha"]) for layer in record.layers]
-        h5.create_dataset("layers", data=np.array(rows, dtype=LAYER_DTYPE))
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w", locking=False) as h5:
+            h5.attrs["schema_version"] = SCHEMA_VERSION
+            for key, value in record.attrs.items():
+                h5.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses too
+            metrics = h5.create_group("metrics")
+            for name in METRICS:
+                dtype = np.int64 if name == "epoch" else np.float64
+                metrics.create_dataset(name, data=np.asarray(record.metrics[name], dtype=dtype))
+            final = h5.create_group("final")
+            for key, value in record.final.items():
+                final.attrs[key] = value
+            rows = [(layer["name"], layer["weights"], layer["kept"], layer["alpha"]) for layer in record.layers]
+            h5.create_dataset("layers", data=np.array(rows, dtype=LAYER_DTYPE))
+            rows = [(r["time"], r["epoch"], r["step"], r["reason"]) for r in record.restarts]
+            h5.create_dataset("restarts", data=np.array(rows, dtype=RESTART_DTYPE))
+
+    replace_atomically(path, write)
 
 
 def read_archive(path: str | Path) -> RunRecord:
-    with h5py.File(path, "r") as h5:
-        attrs = {key: _plain(value) for key, value in h5.attrs.items()}
-        metrics = {name: h5["metrics"][name][()].tolist() for name in h5["metrics"]}
-        final = {key: _plain(value) for key, value in h5["final"].attrs.items()}
-        layers = [{"name": row["name"].decode() if isinstance(row["name"], bytes) else row["name"],
-                   "weights": int(row["weights"]), "kept": int(row["kept"]), "alpha": float(row["alpha"])}
-                  for row in h5["layers"][()]]
-    return RunRecord(attrs, metrics, final, layers)
+    """Read one archive without taking a lock (a running writer is never disturbed).
+
+    Raises ArchiveError for a file that is not HDF5, is truncated, lacks the archive's groups, or has a
+    newer schema than this version of biprop-hpc reads.
+    """
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            version = _plain(h5.attrs.get("schema_version", 0))
+            if not isinstance(version, int) or version < 1:
+                raise ArchiveError(f"{path}: not a biprop-hpc run archive (no schema_version)")
+            if version > SCHEMA_VERSION:
+                raise ArchiveError(f"{path}: archive schema {version} is newer than this biprop-hpc reads "
+                                   f"({SCHEMA_VERSION}); upgrade biprop-hpc")
+            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+            metrics = {name: h5["metrics"][name][()].tolist() for name in h5["metrics"]}
+            final = {key: _plain(value) for key, value in h5["final"].attrs.items()}
+            layers = [{"name": _plain(row["name"]), "weights": int(row["weights"]), "kept": int(row["kept"]),
+                       "alpha": float(row["alpha"])} for row in h5["layers"][()]]
+            restarts = [{"time": _plain(row["time"]), "epoch": int(row["epoch"]), "step": int(row["step"]),
+                         "reason": _plain(row["reason"])}
+                        for row in (h5["restarts"][()] if "restarts" in h5 else [])]
+    except ArchiveError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise ArchiveError(f"{path}: not a readable run archive ({error})") from None
+    return RunRecord(attrs, metrics, final, layers, restarts)
 
 
 def _plain(value):

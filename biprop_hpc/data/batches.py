@@ -104,14 +104,18 @@ class TrainBatches:
     def epoch_indices(self, epoch: int) -> list[torch.Tensor]:
         return self.plan.epoch_indices(epoch)
 
-    def epoch(self, epoch: int):
+    def steps(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        return self.plan.steps(epoch)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """The batches of `epoch` from step `start` on (a resumed run starts mid-epoch)."""
         if self.augment:
             # Drawn for every sample (indexed by sample), so augmentation does not depend on sharding.
             generator = epoch_generator(self.seed + 1, epoch)
             pad = self.info.crop_padding
             offsets = torch.randint(0, 2 * pad + 1, (2, len(self.split)), generator=generator)
             flips = torch.rand(len(self.split), generator=generator) < 0.5
-        for index, global_size in self.plan.steps(epoch):
+        for index, global_size in self.plan.steps(epoch)[start:]:
             images = self.split.images[index]
             if self.augment:
                 images = crop_and_flip(images, offsets[0, index], offsets[1, index], flips[index], pad)

@@ -21,7 +21,7 @@ LOADERS = ("auto", "dali", "dali-cpu", "torch")
 
 @dataclass
 class Data:
-    train: object          # .epoch(e) -> iterator of Batch; len() = steps per epoch
+    train: object          # .epoch(e, start_step) -> iterator of Batch; .steps(e) -> the plan; len() = steps per epoch
     val: object            # iterable of Batch (this rank's share)
     test: object
     in_channels: int
@@ -81,9 +81,11 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
         return make(images, lambda epoch: steps, False)
 
     def make(images, steps_of_epoch, training):
+        # Augmentation is keyed by (seed, epoch, sample), not by rank: see images.crop_window.
         if loader == "torch":
-            return TorchLoader(images, steps_of_epoch, training, prep, cfg.loader_workers, cfg.seed + rank)
-        return DaliLoader(images, steps_of_epoch, training, prep, device, cfg.loader_workers, cfg.seed + rank,
+            return TorchLoader(images, steps_of_epoch, training, prep, cfg.loader_workers, cfg.seed,
+                               pin_memory=device.type == "cuda")
+        return DaliLoader(images, steps_of_epoch, training, prep, device, cfg.loader_workers, cfg.seed,
                           cpu_only=loader == "dali-cpu")
 
     if skipped and rank == 0:

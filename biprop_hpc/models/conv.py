@@ -1,9 +1,23 @@
 """Conv2/4/6/8 (Frankle & Carbin; Ramanujan et al.; Diffenderfer & Kailkhura), for small images.
 
-Blocks of two 3x3 convs and a 2x2 max-pool: 64,64,P | 128,128,P | 256,256,P | 512,512,P (2, 4, 6 or 8 convs),
-then FC 256, FC 256, FC classes. MPT-1/32 models use ReLU and no BN. MPT-1/1 variants (`_bin`) use
-conv -> BN -> sign, and conv -> pool -> BN -> sign on pooled convs; hidden FCs use FC -> BN -> sign.
-The `_wide` variants double every width (further scaled by width_mult).
+Follows the original BIPROP code layer for layer (models/frankle.py: `Conv2`..`Conv8`, `Conv2_BinAct`..
+`Conv8_BinAct`, `Conv4Wide`..`Conv8Wide[_BinAct]`). Stages of two 3x3 convs (padding 1) and a 2x2 max-pool:
+64,64,P | 128,128,P | 256,256,P | 512,512,P (2, 4, 6 or 8 convs), then flatten and FC 256, FC 256, FC classes.
+
+`convN`      MPT-1/32, no BN:  conv -> ReLU, conv -> ReLU -> pool per stage;  FC -> ReLU, FC -> ReLU, FC.
+`convN_bin`  MPT-1/1:          conv -> BN -> sign, conv -> pool -> BN -> sign per stage (BN after the pool);
+                               FC -> BN -> sign, FC -> BN -> sign, FC. Only the first conv sees real values.
+`convN_wide`, `convN_bin_wide`: every width doubled (further scaled by width_mult), i.e. the original's
+                               `Conv{4,6,8}Wide[_BinAct]` run with `width_mult: 2` (it has no Conv2Wide). The
+                               original's plain `ConvN` ignore width_mult; here it scales every width of every
+                               variant.
+
+Names: the original holds the convs in `convs` and the FCs in `linear` (two nn.Sequential); here they are
+one flat nn.Sequential in the same order, with an nn.Flatten between them. The parameterised layers come
+in the original's order, so its `convs.i.*` then `linear.j.*` state_dict entries map one to one, in order,
+onto ours. The original's FCs are 1x1 convs over the flattened map (weight `[out, in, 1, 1]`) and its FC BNs
+are BatchNorm2d over a 1x1 map; ours are nn.Linear (weight `[out, in]`) and BatchNorm1d: the same functions,
+the same state_dict entries up to that reshape.
 """
 from torch import nn
 
@@ -21,12 +35,13 @@ def conv_net(builder, *, depth: int, binary: bool, wide: bool, in_channels: int,
         out = scaled(STAGES[stage], width_mult)
         for conv_index in range(2):
             first = stage == 0 and conv_index == 0
+            pooled = conv_index == 1
             layers.append(builder.conv3x3(channels, out, position="first" if first else None))
-            if conv_index == 1:
-                layers.append(nn.MaxPool2d(2))
-            if binary:
-                layers.append(builder.batchnorm(out))
-            layers.append(builder.activation(binary))
+            if binary:      # conv [-> pool] -> BN -> sign
+                layers += ([nn.MaxPool2d(2)] if pooled else []) + [builder.batchnorm(out),
+                                                                   builder.activation(True)]
+            else:           # conv -> ReLU [-> pool]
+                layers += [builder.activation(False)] + ([nn.MaxPool2d(2)] if pooled else [])
             channels = out
         size //= 2
     if size < 1:

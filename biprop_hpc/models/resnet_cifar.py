@@ -1,14 +1,24 @@
 """ResNet-18 for CIFAR (He et al. 2016, in the common CIFAR form of Kuang Liu's pytorch-cifar).
 
-3x3 stem conv 64 -> BN -> act (no max-pool), four stages of two BasicBlocks with 64/128/256/512 channels,
-stride 2 at the start of stages 2-4, a 1x1 conv -> BN shortcut where the shape changes, global average
-pool, FC to the classes.
+Follows the original BIPROP code layer for layer: models/resnet_cifar.py (`cResNet18`: class `ResNet` with
+`BasicBlock`) and models/resnet_cifar_BinAct.py (`cResNet18_BinAct`: class `ResNet_BinAct` with
+`BasicBlock_BinAct`).
+
+3x3 stem conv 64 (stride 1, padding 1) -> BN -> act (no max-pool), four stages of two post-activation
+BasicBlocks (conv3x3 -> BN -> act -> conv3x3 -> BN, + shortcut, -> act) with 64/128/256/512 channels, stride 2
+on the first conv of stages 2-4, a 1x1 conv -> BN shortcut where the shape changes, global average pool, FC
+to the classes. The original pools with avg_pool2d(4) on the 4x4 map of a 32x32 (or 28x28) input, i.e. a
+global average; ours is an adaptive global average, the same there and defined for other sizes.
 
 `resnet18_cifar`     MPT-1/32: ReLU.
-`resnet18_cifar_bin` MPT-1/1: every ReLU is replaced by the sign activation, as in the original BIPROP code
-                     (post-activation blocks: conv -> BN -> sign -> conv -> BN, + shortcut, -> sign). So
-                     every conv except the stem sees +-1 inputs, and the classifier sees the average of
-                     +-1 features. The stem conv sees the real pixels.
+`resnet18_cifar_bin` MPT-1/1: every ReLU is the sign activation, as in the original code (stem included, and
+                     after every residual sum). So every conv except the stem sees +-1 inputs, and the
+                     classifier sees the average of +-1 features. The stem conv sees the real pixels.
+
+Names: the original's `conv1`, `bn1` are our `0`, `1`; its `layer{s}.{b}` are our blocks `3`..`10` in order;
+its `fc` (a 1x1 conv, weight `[classes, 512, 1, 1]`) is our `13` (an nn.Linear, weight `[classes, 512]`).
+Inside a block the names are the original's (`conv1`, `bn1`, `conv2`, `bn2`, `shortcut.0`, `shortcut.1`), so
+its state_dict maps onto ours in order.
 
 `BasicBlock` is shared with the ImageNet ResNets (resnet_imagenet.py).
 """

@@ -12,6 +12,7 @@ floating-point error); it is >= 1 for every k in (0, 1].
 Ties in |S| at the threshold are broken towards the lower flat index, so the mask is deterministic.
 The mask is found by selection (kthvalue), never by sorting the whole tensor.
 """
+import contextlib
 import math
 from fractions import Fraction
 
@@ -137,7 +138,7 @@ class BipropMixin:
         self.weight.requires_grad_(False)
         init_weight_(self.weight, weight_init, self.keep_ratio)
         self.scores = nn.Parameter(init_scores_(torch.empty_like(self.weight)))
-        self._cache = (None, None)
+        self._fixed_weight = None   # W_eff held for the duration of `fixed_effective_weights` only
 
     @property
     def keep_ratio(self) -> float:
@@ -159,15 +160,11 @@ class BipropMixin:
         return kept_mean_magnitude(self.weight, self.mask(), self.n_keep)
 
     def effective_weight(self) -> torch.Tensor:
+        if self._fixed_weight is not None:
+            return self._fixed_weight
         if torch.is_grad_enabled() and self.scores.requires_grad:
             return _BinaryMaskedWeight.apply(self.scores, self.weight, self.n_keep)
-        # No graph needed (evaluation, export): reuse W_eff while scores, weight and k are unchanged.
-        # In-place updates through `.data` do not bump `_version`; update scores through the tensor itself.
-        key = (self.scores._version, self.scores.data_ptr(), self.weight._version,
-               self.weight.data_ptr(), self.n_keep)
-        if self._cache[0] != key:
-            self._cache = (key, binary_masked_weight(self.scores, self.weight, self.n_keep))
-        return self._cache[1]
+        return binary_masked_weight(self.scores, self.weight, self.n_keep)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keep_ratio={self.keep_ratio}, weight_init={self.weight_init}"
@@ -217,6 +214,24 @@ class BinaryActivation(nn.Module):
 
     def forward(self, x):
         return _SignBiReal.apply(x)
+
+
+@contextlib.contextmanager
+def fixed_effective_weights(model: nn.Module):
+    """Compute every BIPROP layer's W_eff once, on entry, and use it for every forward inside the block.
+
+    For evaluation: masks are not recomputed per batch. Nothing is cached beyond the block, so no write to
+    the scores or weights (an optimizer step, a load_state_dict, a collective writing in place) can leave
+    a stale W_eff behind; inside the block the scores must not change, and no gradient reaches them.
+    """
+    layers = [layer for _, layer in biprop_layers(model)]
+    try:
+        for layer in layers:
+            layer._fixed_weight = binary_masked_weight(layer.scores, layer.weight, layer.n_keep)
+        yield model
+    finally:
+        for layer in layers:
+            layer._fixed_weight = None
 
 
 def biprop_layers(model: nn.Module):

@@ -1,4 +1,4 @@
 """Training: the loop, schedules, checkpoints and evaluation."""
-from biprop_hpc.train.loop import Run, evaluate_checkpoint, run_directory, train
+from biprop_hpc.train.loop import Run, evaluate_checkpoint, train
 
-__all__ = ["Run", "evaluate_checkpoint", "run_directory", "train"]
+__all__ = ["Run", "evaluate_checkpoint", "train"]

@@ -1,24 +1,24 @@
-"""Checkpoints: written atomically (temporary file, then rename), so a killed run never leaves a torn one.
+"""Checkpoints: written atomically (temporary file, fsync, rename), so a killed run never leaves a torn one.
 
 A checkpoint holds everything needed to continue a run exactly: model (scores, frozen weights, BN state),
-optimizer state, the number of finished epochs, the per-epoch metrics so far, the best validation result,
-the config and the RNG state. Files in <run>/checkpoints/: initial.pt (before training), last.pt,
-best.pt (best validation top-1) and epoch_<N>.pt every `save_every` epochs.
+optimizer and gradient-scaler state, the run state (finished epochs, steps done in the current epoch,
+per-epoch metrics, best validation result, restart records), the config, and every rank's own state
+(RNG, BN statistics and partial epoch totals for a mid-epoch checkpoint). Files in <run>/checkpoints/:
+initial.pt (before training), best.pt (best validation top-1), epoch_<N>.pt every `save_every` epochs and
+last.pt. At the end of an epoch they are written in that order, and last.pt (what a resume reads) last, so
+a kill between two writes leaves files that agree with what last.pt says.
 """
-import os
 from pathlib import Path
 
 import torch
+
+from biprop_hpc.files import replace_atomically
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: torch.save({"format_version": FORMAT_VERSION, **state}, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:

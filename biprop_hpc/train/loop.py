@@ -2,12 +2,21 @@
 
 Data flows one way: config -> data splits -> model -> optimizer -> epochs (train, validate, checkpoint,
 archive) -> test of the best checkpoint, once. Rank 0 does all file I/O; metrics are reduced over ranks.
+
+What keeps N ranks exact:
+- gradients are summed over ranks with every loss divided by the global batch (of the accumulation group),
+  so the update is the one a single process with the whole global batch would make;
+- BN running statistics are averaged over ranks before every validation and every end-of-epoch checkpoint,
+  so every rank validates, and every checkpoint holds, one model (with `sync_batchnorm` the batch statistics
+  themselves are those of the global batch);
+- what differs per rank (RNG state, BN statistics and the epoch's partial totals between two averagings) is
+  gathered into every checkpoint, and each rank gets its own back on resume.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import math
 import platform
 import sys
 import time
@@ -19,20 +28,22 @@ from torch import nn
 from tqdm import tqdm
 
 import biprop_hpc
-from biprop_hpc.archive import METRICS, RunRecord, write_archive
-from biprop_hpc.config import Config
+from biprop_hpc.archive import METRICS, ArchiveError, RunRecord, read_archive, write_archive
+from biprop_hpc.config import Config, ConfigError
 from biprop_hpc.data.build import build_data
+from biprop_hpc.dist import batchnorm_statistics, scheduler_job_id
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import biprop_layers
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
-from biprop_hpc.train.evaluate import evaluate
+from biprop_hpc.train.evaluate import evaluate, to_device
 from biprop_hpc.train.schedule import lr_at_epoch
+from biprop_hpc.train.stopping import RunCheckpointed, StopRequests
 
 log = logging.getLogger("biprop_hpc")
 
-
-def run_directory(cfg: Config) -> Path:
-    return Path(cfg.out) / cfg.config_name / f"keep={cfg.keep_ratio:g}" / cfg.name
+# Why a run was continued, when its last checkpoint recorded no stop: from the archive's last status.
+UNRECORDED_STOPS = {"running": "killed without a word (the archive still said running)", "failed": "failed",
+                    "interrupted": "interrupted (SIGINT)", "checkpointed": "checkpointed"}
 
 
 def model_from_config(cfg: Config, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -57,10 +68,10 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def autocast_for(cfg: Config, device: torch.device):
-    if cfg.amp == "none" or device.type != "cuda":
+    if cfg.amp == "none":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    return lambda: torch.autocast("cuda", dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def layer_table(model: nn.Module) -> list[dict]:
@@ -83,36 +94,64 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def holds_a_run(directory: Path) -> bool:
+    return (directory / "archive.h5").exists() or any((directory / "checkpoints").glob("*.pt"))
+
+
+def claim_directory(cfg: Config) -> Config:
+    """The config of a FRESH run, made sure not to land on an existing run (rank 0 decides).
+
+    A run directory that holds a run is never started over: that is an error naming the directory and the
+    ways on, unless `new_name` asks for the first free <name>_2, <name>_3, ... as the original code did.
+    """
+    if cfg.resume or not holds_a_run(cfg.run_dir()):
+        return cfg
+    if cfg.new_name:
+        number = 2
+        while holds_a_run(dataclasses.replace(cfg, name=f"{cfg.name}_{number}").run_dir()):
+            number += 1
+        return dataclasses.replace(cfg, name=f"{cfg.name}_{number}")
+    raise ConfigError(f"{cfg.run_dir()} already holds a run; continue it with --resume auto, or start another "
+                      "with --name NAME (or --new-name for the next free <name>_N)")
+
+
 class Run:
     """One search (or dense training) run: built from a config, then `fit()`."""
 
-    def __init__(self, cfg: Config, ctx):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: Config, ctx, stop: StopRequests | None = None):
+        self.ctx, self.stop = ctx, stop or StopRequests()
         self.is_root = ctx.rank == 0
-        self.dir = run_directory(cfg)
-        self.checkpoints = self.dir / "checkpoints"
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        claimed = _on_root(ctx, "run_directory", lambda: claim_directory(cfg))
+        self.cfg = cfg = claimed
+        self.dir = cfg.run_dir()
+        self.checkpoints = self.dir / "checkpoints"
+        self.completed = _on_root(ctx, "completed_run", self._completed_result)
+        if self.completed:
+            return
         self.device = ctx.device(cfg.device)
         self.data = build_data(cfg, ctx.rank, ctx.size, self.device)
         torch.manual_seed(cfg.seed)  # the frozen weights and initial scores are a function of the seed
-        self.model = model_from_config(cfg, self.data.in_channels, self.data.num_classes,
-                                       self.data.image_size).to(self.device)
+        model = model_from_config(cfg, self.data.in_channels, self.data.num_classes, self.data.image_size)
+        if cfg.sync_batchnorm:
+            model = ctx.sync_batchnorm(model)
+        self.model = model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Wrapped before any state is loaded: Horovod's wrapper is a new optimizer with empty state.
         self.optimizer = ctx.distributed_optimizer(make_optimizer(cfg, self.model), self.model,
                                                    cfg.fp16_allreduce, cfg.backward_passes_per_step)
         self.autocast = autocast_for(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
         global_batch = cfg.batch_size * ctx.size * cfg.backward_passes_per_step
         self.lr_scale = global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch else 1.0
-        self.state = {"epoch": 0, "history": {name: [] for name in METRICS}, "best_val_top1": -math.inf,
-                      "best_epoch": -1, "start_time": now()}
+        self.state = {"epoch": 0, "step": 0, "history": {name: [] for name in METRICS}, "best_val_top1": None,
+                      "best_epoch": -1, "start_time": now(), "restarts": [], "stop_reason": None}
+        self.partial = None  # this rank's totals of an epoch interrupted mid-way (resume)
         self._resume()
-        ctx.broadcast_model(self.model)
-        ctx.broadcast_optimizer(self.optimizer)
+        self.first_epoch = self.state["epoch"]  # the first epoch this process runs
         self.record = RunRecord(self._attrs())
         self.writer = None
         if self.is_root:
@@ -120,42 +159,108 @@ class Run:
             self.writer = SummaryWriter(str(self.dir / "logs"))
 
     # --- set-up -----------------------------------------------------------------------------------
+    def _completed_result(self) -> dict | None:
+        """The final results of this run if its archive says it completed (a requeued job that is done)."""
+        if not self.cfg.resume or not (self.dir / "archive.h5").exists():
+            return None
+        try:
+            record = read_archive(self.dir / "archive.h5")
+        except ArchiveError:
+            return None
+        if record.attrs.get("status") != "completed":
+            return None
+        if record.config.get("epochs") != self.cfg.epochs:
+            raise ConfigError(f"{self.dir} holds a completed run of {record.config.get('epochs')} epochs; "
+                              f"to train {self.cfg.epochs}, start a new run (--name NAME)")
+        return {**record.final, "run_dir": str(self.dir)}
+
     def _resume(self) -> None:
-        """Rank 0 finds and reads the checkpoint; every rank gets its epoch and history."""
+        """Rank 0 reads the checkpoint; the model, optimizer, scaler and run state go to every rank, and
+        each rank gets back its own part (RNG, BN statistics and partial totals of a mid-epoch checkpoint)."""
         path = resume_path(self.cfg.resume, self.checkpoints) if self.is_root else None
+        shared = None
         if path is not None:
             checkpoint = load_checkpoint(path)
-            if checkpoint["config"]["model"] != self.cfg.model:
-                raise ValueError(f"resume: {path} holds a {checkpoint['config']['model']} model, "
-                                 f"the config asks for {self.cfg.model}")
+            self._check_resumable(path, checkpoint)
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
-            if self.scaler and checkpoint.get("scaler"):
-                self.scaler.load_state_dict(checkpoint["scaler"])
-            torch.set_rng_state(checkpoint["rng"])
-            self.state = checkpoint["state"]
-            log.info("resumed from %s after epoch %d", path, self.state["epoch"])
-        self.state = self.ctx.broadcast_object(self.state, name="run_state")
+            state = checkpoint["state"]
+            state["restarts"] = state.get("restarts", []) + [{
+                "time": now(), "epoch": state["epoch"], "step": state.get("step", 0),
+                "reason": state.get("stop_reason") or self._unrecorded_stop()}]
+            state["stop_reason"] = None
+            shared = {"state": {**self.state, **state}, "scaler": checkpoint.get("scaler"),
+                      "ranks": checkpoint.get("ranks"), "path": str(path)}
+        shared = self.ctx.broadcast_object(shared, name="resume")
+        self.ctx.broadcast_model(self.model)
+        self.ctx.broadcast_optimizer(self.optimizer)
+        if shared is None:
+            return
+        self.state = shared["state"]
+        if self.scaler and shared["scaler"]:
+            self.scaler.load_state_dict(shared["scaler"])
+        if shared["ranks"]:
+            self._restore_own(shared["ranks"][self.ctx.rank])
+        log.info("resumed from %s at epoch %d, step %d", shared["path"], self.state["epoch"] + 1,
+                 self.state["step"])
+
+    def _check_resumable(self, path: Path, checkpoint: dict) -> None:
+        if checkpoint["config"]["model"] != self.cfg.model:
+            raise ValueError(f"resume: {path} holds a {checkpoint['config']['model']} model, "
+                             f"the config asks for {self.cfg.model}")
+        if checkpoint["state"].get("step", 0):  # mid-epoch: the epoch's sample plan must be the same
+            then = (len(checkpoint.get("ranks") or []), checkpoint["config"]["batch_size"])
+            if then != (self.ctx.size, self.cfg.batch_size):
+                raise ValueError(f"resume: {path} was written mid-epoch by {then[0]} ranks with batch_size "
+                                 f"{then[1]}; continue it with the same ranks and batch size")
+
+    def _unrecorded_stop(self) -> str:
+        try:
+            status = read_archive(self.dir / "archive.h5").attrs.get("status", "")
+        except ArchiveError:
+            status = ""
+        return UNRECORDED_STOPS.get(status, "unknown (no archive)")
+
+    def _own_state(self, totals=None, count: int = 0, seconds: float = 0.0) -> dict:
+        """What differs between ranks: saved per rank in every checkpoint."""
+        return {"rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "batchnorm": [b.detach().cpu().clone() for b in batchnorm_statistics(self.model)],
+                "partial": None if totals is None else {"totals": totals.cpu(), "count": count, "seconds": seconds}}
+
+    def _restore_own(self, own: dict) -> None:
+        torch.set_rng_state(own["rng"])
+        if own.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"])
+        with torch.no_grad():
+            for buffer, saved in zip(batchnorm_statistics(self.model), own["batchnorm"]):
+                buffer.copy_(saved)
+        self.partial = own["partial"]
 
     def _attrs(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
         return {"status": "running", "config": cfg.to_json(), "keep_ratio": cfg.keep_ratio,
-                "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "world_size": ctx.size,
-                "launcher": ctx.launcher, "controller": ctx.controller, "loader": self.data.loader,
-                "skipped_files": len(self.data.skipped),
-                "start_time": self.state["start_time"], "end_time": "", **versions(ctx)}
+                "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
+                "world_size": ctx.size, "launcher": ctx.launcher, "controller": ctx.controller,
+                "loader": self.data.loader, "skipped_files": len(self.data.skipped), "job_id": scheduler_job_id(),
+                "start_time": self.state["start_time"], "end_time": "", "heartbeat": now(), **versions(ctx)}
 
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
+        if self.completed:
+            if self.is_root:
+                log.info("%s has completed already; nothing to do", self.dir)
+            return self.completed
         try:
-            if self.state["epoch"] == 0 and self.is_root:
-                self._save("initial.pt")
+            if self.state["epoch"] == 0 and self.state["step"] == 0:
+                self._checkpoint(["initial.pt"])
             for epoch in range(self.state["epoch"], self.cfg.epochs):
                 self._epoch(epoch)
             return self._finish()
+        except RunCheckpointed:
+            raise
         except BaseException as error:
-            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-            self._write_archive(status)
+            self._write_archive("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
             raise
         finally:
             if self.writer:
@@ -167,66 +272,91 @@ class Run:
                                          cfg.milestones, cfg.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        start = time.perf_counter()
         train = self._train_epoch(epoch)
-        seconds = time.perf_counter() - start
+        self.ctx.average_batchnorm(self.model)
         val = evaluate(self.model, self.data.val, self.device, self.ctx, self.autocast)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-               "epoch_seconds": seconds, "images_per_second": train["count"] / seconds}
+               "epoch_seconds": train["seconds"], "images_per_second": train["count"] / train["seconds"]}
         for name in METRICS:
             self.state["history"][name].append(row[name])
-        self.state["epoch"] = epoch + 1
-        # Without a validation split the last epoch counts as the best.
-        improved = val["count"] == 0 or val["top1"] > self.state["best_val_top1"]
+        self.state["epoch"], self.state["step"] = epoch + 1, 0
+        best = self.state["best_val_top1"]
+        # Without a validation split the last epoch's model is the one tested.
+        improved = val["count"] == 0 or best is None or val["top1"] > best
         if improved:
-            self.state["best_val_top1"], self.state["best_epoch"] = val["top1"], epoch + 1
+            self.state["best_val_top1"] = val["top1"] if val["count"] else None
+            self.state["best_epoch"] = epoch + 1
+        if val["count"] == 0 and epoch == self.first_epoch and self.is_root:
+            log.warning("no validation split (val_fraction %g leaves no held-out sample): the last epoch's "
+                        "model is tested and no best_val_top1 is reported", cfg.val_fraction)
+        names = ["best.pt"] if improved else []
+        if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+            names.append(f"epoch_{epoch + 1}.pt")
+        self._checkpoint(names + ["last.pt"])  # last.pt last: it is what a resume reads
         if self.is_root:
-            self._save("last.pt")
-            if improved:
-                self._save("best.pt")
-            if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                self._save(f"epoch_{epoch + 1}.pt")
             self._write_archive("running")
             for name, value in row.items():
                 if name != "epoch":
                     self.writer.add_scalar(f"epoch/{name}", value, epoch + 1)
             log.info("epoch %d/%d  lr %.4g  train loss %.4f top1 %.2f  val loss %.4f top1 %.2f top5 %.2f  "
                      "%.1f s  %.0f img/s", epoch + 1, cfg.epochs, lr, row["train_loss"], row["train_top1"],
-                     row["val_loss"], row["val_top1"], row["val_top5"], seconds, row["images_per_second"])
+                     row["val_loss"], row["val_top1"], row["val_top5"], row["epoch_seconds"],
+                     row["images_per_second"])
+        if self.ctx.any_async(self.stop.reason is not None, "stop_vote")():
+            self._stopped(epoch + 1, 0)
 
     def _train_epoch(self, epoch: int) -> dict:
         model, optimizer, device = self.model, self.optimizer, self.device
         passes = self.cfg.backward_passes_per_step
+        # Each loss is divided by the samples of its whole accumulation group (over all ranks), so a group
+        # cut short at the end of an epoch weighs its samples as much as a full one.
+        sizes = [global_size for _, global_size in self.data.train.steps(epoch)]
+        steps, first = len(sizes), self.state["step"]
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct (this rank)
+        count, seconds = 0, 0.0                                         # samples (this rank), time so far
+        if self.partial:
+            totals += self.partial["totals"].to(device)
+            count, seconds = self.partial["count"], self.partial["seconds"]
+            self.partial = None
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        steps = len(self.data.train)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.is_root and sys.stderr.isatty()))
+        start = time.perf_counter()
+        vote = None
         optimizer.zero_grad()
-        for step, batch in enumerate(self.data.train.epoch(epoch)):
-            images = batch.images.to(device, non_blocking=True)
+        for step, batch in enumerate(self.data.train.epoch(epoch, first), start=first):
+            group = step - step % passes
+            group_end = min(group + passes, steps)
+            images = to_device(batch.images, device)
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch.labels.to(device, non_blocking=True)
+            labels = to_device(batch.labels, device)
             with self.autocast():
                 logits = model(images)
             loss_sum = self.criterion(logits.float(), labels)
-            # Divided by the GLOBAL batch: gradients summed over ranks are then the global batch's mean.
-            loss = loss_sum / (batch.global_size * passes)
+            loss = loss_sum / sum(sizes[group:group_end])
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            if (step + 1) % passes == 0 or step + 1 == steps:
-                self._optimizer_step()
-            totals += torch.stack([loss_sum.detach().double(),
-                                   (logits.argmax(1) == labels).sum().double(),
-                                   torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+            totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double()])
+            count += len(batch.labels)
             global_step = epoch * steps + step
-            if self.writer and global_step % self.cfg.log_interval == 0:
-                self.writer.add_scalar("step/train_loss", loss_sum.item() / len(labels), global_step)
+            if self.writer and global_step % self.cfg.log_interval == 0:  # a host sync every log_interval steps
+                self.writer.add_scalar("step/train_loss", loss_sum.item() / len(batch.labels), global_step)
             bar.update()
+            if step + 1 == group_end:
+                self._optimizer_step()
+                # The vote started at the previous boundary: every rank sees the same answer at this step.
+                if vote is not None and vote():
+                    bar.close()
+                    self._stopped(epoch, step + 1, totals, count, seconds + time.perf_counter() - start)
+                vote = self.ctx.any_async(self.stop.reason is not None, "stop_vote")
+        if vote is not None:
+            vote()  # finish the collective; a stop asked for now is seen after the epoch's checkpoint
         bar.close()
-        loss, correct, count = self.ctx.allreduce_sum(totals.cpu()).tolist()
-        return {"loss": loss / count, "top1": 100 * correct / count, "count": count}
+        seconds += time.perf_counter() - start
+        reduced = torch.cat([totals.cpu(), torch.tensor([count], dtype=torch.float64)])
+        loss, correct, count = self.ctx.allreduce_sum(reduced, "train_totals").tolist()
+        return {"loss": loss / count, "top1": 100 * correct / count, "count": count, "seconds": seconds}
 
     def _optimizer_step(self) -> None:
         if self.scaler is None:
@@ -243,6 +373,21 @@ class Run:
             self.scaler.update()
         self.optimizer.zero_grad()
 
+    def _stopped(self, epoch: int, step: int, totals=None, count: int = 0, seconds: float = 0.0):
+        """Every rank: checkpoint (mid-epoch when step > 0), mark the archive, and leave with RunCheckpointed."""
+        reasons = self.ctx.gather_object(self.stop.reason, name="stop_reasons")
+        reason = next((r for r in reasons if r), "a stop signal")
+        if step:
+            self.state["epoch"], self.state["step"] = epoch, step
+        self.state["stop_reason"] = reason
+        self._checkpoint(["last.pt"], self._own_state(totals, count, seconds))
+        self._write_archive("checkpointed")
+        self.ctx.allreduce_sum(torch.zeros(1), "checkpoint_written")  # no rank exits before rank 0 has written
+        if self.is_root:
+            log.warning("%s: checkpointed at epoch %d, step %d of %d; continue with --resume auto", reason,
+                        self.state["epoch"] + 1, self.state["step"], len(self.data.train))
+        raise RunCheckpointed(reason, self.state["epoch"], self.state["step"])
+
     def _finish(self) -> dict:
         """Evaluate the test set once, with the best checkpoint's model."""
         if self.is_root:
@@ -250,36 +395,63 @@ class Run:
             self.model.load_state_dict(best["model"])
         self.ctx.broadcast_model(self.model)
         test = evaluate(self.model, self.data.test, self.device, self.ctx, self.autocast)
-        self.record.final = {"best_val_top1": self.state["best_val_top1"], "best_epoch": self.state["best_epoch"],
-                             "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
+        final = {"best_epoch": self.state["best_epoch"], "test_loss": test["loss"], "test_top1": test["top1"],
+                 "test_top5": test["top5"]}
+        if self.state["best_val_top1"] is not None:
+            final["best_val_top1"] = self.state["best_val_top1"]
+        self.record.final = final
         self._write_archive("completed")
         if self.is_root:
-            log.info("best epoch %d (val top1 %.2f): test top1 %.2f top5 %.2f on %d images -> %s",
-                     self.state["best_epoch"], self.state["best_val_top1"], test["top1"], test["top5"],
-                     test["count"], self.dir / "archive.h5")
-        return {**self.record.final, "run_dir": str(self.dir)}
+            log.info("best epoch %d (val top1 %s): test top1 %.2f top5 %.2f on %d images -> %s",
+                     self.state["best_epoch"], _percent(self.state["best_val_top1"]), test["top1"],
+                     test["top5"], test["count"], self.dir / "archive.h5")
+        return {**final, "run_dir": str(self.dir)}
 
-    # --- files (rank 0) ---------------------------------------------------------------------------
-    def _save(self, filename: str) -> None:
-        save_checkpoint(self.checkpoints / filename, {
-            "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "state": self.state, "rng": torch.get_rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler else None})
+    # --- files (rank 0 writes) --------------------------------------------------------------------
+    def _checkpoint(self, filenames: list[str], own: dict | None = None) -> None:
+        """Collective: gathers every rank's own state, then rank 0 writes `filenames` in order."""
+        ranks = self.ctx.gather_object(own or self._own_state(), name="rank_states")
+        if not self.is_root:
+            return
+        content = {"config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                   "optimizer": self.optimizer.state_dict(), "state": self.state, "ranks": ranks,
+                   "scaler": self.scaler.state_dict() if self.scaler else None}
+        for filename in filenames:
+            save_checkpoint(self.checkpoints / filename, content)
 
     def _write_archive(self, status: str) -> None:
         if not self.is_root:
             return
         self.record.attrs["status"] = status
-        if status != "running":
+        self.record.attrs["heartbeat"] = now()
+        if status in ("completed", "failed", "interrupted"):
             self.record.attrs["end_time"] = now()
         self.record.metrics = self.state["history"]
+        self.record.restarts = self.state["restarts"]
         self.record.layers = layer_table(self.model)
-        self.dir.mkdir(parents=True, exist_ok=True)
         write_archive(self.dir / "archive.h5", self.record)
 
 
-def train(cfg: Config, ctx) -> dict:
-    return Run(cfg, ctx).fit()
+def _on_root(ctx, name: str, compute):
+    """`compute()` on rank 0, its result (or its ConfigError) on every rank."""
+    outcome = None
+    if ctx.rank == 0:
+        try:
+            outcome = ("value", compute())
+        except ConfigError as error:
+            outcome = ("error", str(error))
+    kind, value = ctx.broadcast_object(outcome, name=name)
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def train(cfg: Config, ctx, stop: StopRequests | None = None) -> dict:
+    return Run(cfg, ctx, stop).fit()
 
 
 def evaluate_checkpoint(path: str, split: str, ctx, data_dir: str = "", device: str = "auto") -> dict:

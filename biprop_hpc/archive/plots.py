@@ -1,0 +1,122 @@
+"""Plots of many runs for `biprop results --plot DIR` (matplotlib, Agg backend, PNG, 1000 x 600 pixels).
+
+- `top1_vs_keep_ratio.png`: test top-1 against the keep ratio, mean over seeds with +- one (sample) standard
+  deviation as error bars; one line per model and MPT type (and per value of any other setting that varies
+  between the runs, named in the legend); dense runs of the same network as dashed horizontal lines; the
+  paper's reported accuracy (`paper_top1` of the configs) as star markers.
+- `val_top1_curves.png`: validation top-1 per epoch, one line per group (every setting that varies except
+  the seed), the mean over its runs with a band of +- one standard deviation.
+Only completed runs are drawn, as in the statistics. A plot with nothing to draw says so in its middle.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from biprop_hpc.archive.results import RunRow, group_runs, mean_std, varying_keys  # noqa: E402
+
+FIGURE_INCHES = (10, 6)
+DPI = 100                 # 1000 x 600 pixels
+# Keys that the keep-ratio plot does not split lines by: the x axis itself, the type (lines vs dense
+# baselines) and the config's name (a sweep over keep ratios often uses one config file per ratio).
+NOT_LINE_KEYS = ("keep_ratio", "layer_type", "config_name")
+BARE_KEYS = ("config_name", "model", "layer_type")   # legend shows their values without the key
+LEGEND_CHARACTERS = 44                                # legend lines wrap at this width (the figure's right third)
+
+
+def write_plots(rows: list[RunRow], directory: str | Path) -> list[Path]:
+    """Write both plots into `directory` (created if needed); return their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    done = [row for row in rows if row.completed]
+    return [plot_top1_vs_keep_ratio(done, directory / "top1_vs_keep_ratio.png"),
+            plot_learning_curves(done, directory / "val_top1_curves.png")]
+
+
+def plot_top1_vs_keep_ratio(done: list[RunRow], path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=FIGURE_INCHES, dpi=DPI)
+    searched = [row for row in done if row.type != "dense" and row.test_top1 is not None]
+    dense = [row for row in done if row.type == "dense" and row.test_top1 is not None]
+    line_keys = [key for key in varying_keys(searched) if key not in NOT_LINE_KEYS]
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
+    paper_shown = False
+    for line in group_runs(searched, line_keys):
+        color = next(colors)
+        points = group_runs(line.runs, ["keep_ratio"])
+        x = [100 * point.values["keep_ratio"] for point in points]
+        stats = [mean_std([run.test_top1 for run in point.runs]) for point in points]
+        axes.errorbar(x, [mean for mean, _ in stats], yerr=[std or 0.0 for _, std in stats], color=color,
+                      marker="o", capsize=4, label=_label([line.runs[0].model, line.runs[0].type], line.values))
+        for point, x_value in zip(points, x):
+            paper = point.runs[0].paper_top1
+            if paper is not None:
+                axes.plot([x_value], [paper], marker="*", markersize=14, color=color, markeredgecolor="black",
+                          linestyle="none", label=None if paper_shown else "paper (reported)")
+                paper_shown = True
+    dense_keys = [key for key in varying_keys(dense) if key not in NOT_LINE_KEYS]
+    for baseline in group_runs(dense, dense_keys):
+        mean, _ = mean_std([run.test_top1 for run in baseline.runs])
+        axes.axhline(mean, color=next(colors), linestyle="--",
+                     label=_label([baseline.runs[0].model, "dense"], baseline.values,
+                                  f"{mean:.2f} (n={len(baseline.runs)})"))
+    axes.set_xlabel("weights kept (%)")
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_title("Test top-1 against keep ratio (mean \u00b1 std over seeds)")
+    _finish(figure, axes, has_data=bool(searched or dense), path=path)
+    return path
+
+
+def plot_learning_curves(done: list[RunRow], path: Path) -> Path:
+    figure, axes = plt.subplots(figsize=FIGURE_INCHES, dpi=DPI)
+    drawn = False
+    for group in group_runs(done, varying_keys(done)):
+        per_epoch: dict[int, list[float]] = {}
+        for run in group.runs:
+            for epoch, value in zip(run.record.metrics.get("epoch", []), run.record.metrics.get("val_top1", [])):
+                if math.isfinite(value):
+                    per_epoch.setdefault(int(epoch), []).append(value)
+        if not per_epoch:
+            continue  # runs without a validation split
+        epochs = sorted(per_epoch)
+        means = [statistics.mean(per_epoch[e]) for e in epochs]
+        stds = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
+        (line,) = axes.plot(epochs, means, marker="." if len(epochs) < 30 else None,
+                            label=_label([], group.values, f"(n={len(group.runs)})"))
+        axes.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                          color=line.get_color(), alpha=0.2)
+        drawn = True
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("validation top-1 (%)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title("Validation top-1 per epoch (mean \u00b1 std over the runs of each group)")
+    _finish(figure, axes, has_data=drawn, path=path)
+    return path
+
+
+def _label(first: list[str], values: dict, last: str = "") -> str:
+    """A legend entry: `first`, then the group's values (bare for names, key=value otherwise), wrapped."""
+    words = list(first)
+    for key, value in values.items():
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        if text not in words:
+            words.append(text if key in BARE_KEYS else f"{key}={text}")
+    return textwrap.fill(" ".join(words + [last]).strip(), LEGEND_CHARACTERS, subsequent_indent="  ")
+
+
+def _finish(figure, axes, has_data: bool, path: Path) -> None:
+    axes.grid(True, alpha=0.3)
+    if has_data:
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    else:
+        axes.text(0.5, 0.5, "no completed runs to draw", ha="center", va="center", transform=axes.transAxes)
+    figure.subplots_adjust(left=0.07, right=0.66, top=0.92, bottom=0.1)
+    figure.savefig(path, format="png")  # fixed size: no bbox_inches="tight"
+    plt.close(figure)

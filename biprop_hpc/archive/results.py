@@ -1,0 +1,648 @@
+"""`biprop results`: many run archives -> one table, grouped statistics, a summary archive and plots.
+
+  biprop results PATH... [--filter KEY=VALUE ...] [--group-by KEY ... | --group-by auto] [--best]
+                 [--sort KEY] [--csv FILE] [--out SUMMARY.h5] [--plot DIR] [--stale-after SECONDS]
+
+The work goes one way, one step per section below: find the archives under the paths and read each
+(discovery and reading) -> one row per run (rows) -> filters, groups, statistics, best runs (grouping) ->
+terminal table, CSV, summary archive (outputs). Plots are in `biprop_hpc.archive.plots`, imported only for
+--plot so that the table path stays quick (this module imports neither torch nor matplotlib).
+
+Finding runs. Every `*.h5` file under the paths is a candidate (hidden files and directories such as a file
+system's `.snapshot` are skipped, and so is the --out file); a file reached twice (overlapping paths, links)
+counts once. A run directory `<out>/<config_name>/keep=<k>/<name>/` holds one `archive.h5`, also when the run
+was requeued and resumed: its continuations are rows of the archive's /restarts table, so a resumed run is one
+row with its restart count, never two. A run's id is its directory's last three parts,
+`<config_name>/keep=<k>/<name>` (for a file not named archive.h5: the file's path without `.h5`).
+
+Reading never disturbs a writer and never stops at one bad file. Archives are opened read-only with HDF5 file
+locking off (`read_archive`), so a reader takes no lock that could block or fail a running job's rewrite, and
+file systems without flock (many Lustre, GPFS and NFS mounts) work. Writers replace the whole file by a rename,
+so a reader sees the old or the new archive, never half of one. A file that is empty, truncated, not HDF5,
+not a run archive or of a newer schema becomes a row with status `unreadable` and the reason in its note.
+
+States. `completed` runs make the statistics; every other run is listed with its state and left out: `running`,
+`checkpointed` (stopped with a mid-epoch checkpoint, waiting for its continuation), `interrupted`, `failed`,
+`unreadable`, and `stale`: a run whose archive says running or checkpointed but whose last sign of life is
+older than max(3 x its median epoch time, 10 minutes) (`--stale-after SECONDS` replaces that limit). The last
+sign of life is the archive's `heartbeat` (refreshed at every write, at least once per epoch), or the file's
+modification time for version-1 archives, which have none. A stale run's job has most likely died without a
+word (killed, node failure, out of time before it could write its status).
+
+Statistics are over completed runs: mean and sample standard deviation (n - 1; "-" for a single run).
+`--group-by auto` groups by every config key whose value differs between the runs, except the keys that say
+where and how a run was executed rather than what was run (`IGNORED_BY_AUTO`). The best run of a group is
+the one with the highest validation top-1; the test set never chooses anything. `paper_top1` from a run's
+config (the paper's reported test top-1 for that experiment) is shown beside ours with the difference.
+
+Summary archive (--out FILE, HDF5, rewritten whole from the runs found now, atomically):
+  /          attributes: kind ("biprop-hpc results summary"), summary_version (1), created (ISO 8601 UTC),
+             biprop_hpc_version, sources, filters, group_by (JSON lists), stale_rule (text)
+  /table     compound dataset, one row per run (the CSV's columns, `TABLE_COLUMNS`); missing numbers are NaN
+             (floats) or -1 (counts)
+  /groups    compound dataset, one row per group (with --group-by or --best): the group keys, runs, left_out,
+             mean and std of best_val_top1, test_top1, test_top5, paper_top1, paper_diff, best_run_id
+  /runs/<run id>/   one group per readable run (nested as the run layout): the archive's root attributes
+             plus source_path; metrics/ (datasets), final (attributes), layers and restarts (tables)
+The runs are COPIED, not linked (HDF5 external links): a summary must outlive its runs, which get moved,
+renamed or purged from scratch file systems, and an external link would dangle then; a link also resolves
+relative to where the summary is read, and reading through links would open (and depend on) every run
+archive again. The copies are small (metrics per epoch, a few attributes; never checkpoints).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import biprop_hpc
+from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord,
+                                            read_archive)
+from biprop_hpc.files import replace_atomically
+
+ARCHIVE_NAME = "archive.h5"
+SUMMARY_KIND = "biprop-hpc results summary"
+SUMMARY_VERSION = 1
+STALE_MIN_SECONDS = 600.0        # a running run silent for longer than this...
+STALE_EPOCHS = 3                 # ...and longer than this many (median) epochs is stale
+STALE_RULE = (f"status is running or checkpointed and its last heartbeat (the file time without one) is older "
+              f"than max({STALE_EPOCHS} x its median epoch_seconds, {STALE_MIN_SECONDS:.0f} s)")
+# Config keys that say where and how a run was executed, not what was run: --group-by auto ignores them.
+IGNORED_BY_AUTO = ("seed", "name", "out", "data", "resume", "new_name", "device", "threads", "log_interval",
+                   "save_every", "loader_workers", "eval_batch_size", "paper_top1")
+
+# The run table's columns (CSV, the summary's /table), in order, with their types.
+TABLE_COLUMNS = {
+    "run_id": str, "path": str, "run": str, "config": str, "model": str, "type": str, "init": str,
+    "batchnorm": str, "keep_ratio": float, "seed": int, "world_size": int, "epochs_done": int,
+    "epochs_total": int, "restarts": int, "best_val_top1": float, "best_epoch": int, "test_top1": float,
+    "test_top5": float, "paper_top1": float, "paper_diff": float, "wall_seconds": float, "status": str,
+    "note": str,
+}
+STAT_COLUMNS = ("best_val_top1", "test_top1", "test_top5")
+# The group table's columns after the group keys (CSV, the summary's /groups), with their types.
+GROUP_COLUMNS = {"runs": int, "left_out": int,
+                 **{name: float for column in STAT_COLUMNS for name in (column, f"{column}_std")},
+                 "paper_top1": float, "paper_diff": float, "best_run_id": str}
+
+
+# --- discovery and reading --------------------------------------------------------------------------------
+
+def find_archives(paths: list[str], exclude: str | None = None) -> list[Path]:
+    """Every `*.h5` file under `paths` (files given directly included), each file once, in a stable order."""
+    found: dict[str, Path] = {}
+    excluded = os.path.realpath(exclude) if exclude else None
+    for given in paths:
+        root = Path(given)
+        if not root.exists():
+            raise ValueError(f"{given}: no such file or directory")
+        candidates = [root] if root.is_file() else _h5_files_under(root)
+        for path in candidates:
+            real = os.path.realpath(path)
+            if real != excluded:
+                found.setdefault(real, path)
+    return list(found.values())
+
+
+def _h5_files_under(root: Path) -> list[Path]:
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        files += [Path(directory, name) for name in sorted(names)
+                  if name.endswith(".h5") and not name.startswith(".")]
+    return files
+
+
+def run_id_of(path: Path) -> str:
+    """`<config_name>/keep=<k>/<name>`: the last three parts of the run directory (see the module docstring)."""
+    run_dir = path.parent if path.name == ARCHIVE_NAME else path.with_suffix("")
+    return "/".join(Path(os.path.realpath(run_dir)).parts[1:][-3:])
+
+
+def load_record(path: Path) -> RunRecord:
+    """The archive at `path`, with a parsed config; ArchiveError for anything that is not a usable archive."""
+    record = read_archive(path)
+    try:
+        config = record.config
+    except (KeyError, ValueError, TypeError) as error:
+        raise ArchiveError(f"{path}: no readable config attribute ({error!r})") from None
+    if not isinstance(config, dict):
+        raise ArchiveError(f"{path}: the config attribute is not a JSON object")
+    return record
+
+
+# --- rows -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunRow:
+    """One run: the table's columns (`TABLE_COLUMNS`) plus its settings and archive for grouping and plots."""
+    run_id: str
+    path: str
+    status: str
+    note: str = ""
+    run: str = ""
+    config: str = ""
+    model: str = ""
+    type: str = ""            # MPT-1/32, MPT-1/1 or dense
+    init: str = ""
+    batchnorm: str = ""       # learned (the paper's "+BN") or non-affine
+    keep_ratio: float | None = None
+    seed: int | None = None
+    world_size: int | None = None
+    epochs_done: int | None = None
+    epochs_total: int | None = None
+    restarts: int | None = None
+    best_val_top1: float | None = None
+    best_epoch: int | None = None
+    test_top1: float | None = None
+    test_top5: float | None = None
+    paper_top1: float | None = None
+    paper_diff: float | None = None
+    wall_seconds: float | None = None
+    settings: dict = field(default_factory=dict, repr=False)   # the run's config; {} when unreadable
+    record: RunRecord | None = field(default=None, repr=False)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    def value(self, key: str):
+        """A table column, else a config key (None when the run has no such value)."""
+        return getattr(self, key) if key in TABLE_COLUMNS else self.settings.get(key)
+
+
+def network_type(layer_type: str, model: str) -> str:
+    """dense, or the paper's MPT-1/1 (a model name with a `bin` part: binary activations) or MPT-1/32."""
+    if layer_type == "dense":
+        return "dense"
+    return "MPT-1/1" if "bin" in model.split("_") else "MPT-1/32"
+
+
+def stale_limit(epoch_seconds: list[float], stale_after: float | None) -> float:
+    """Seconds of silence after which a running or checkpointed run is stale (see STALE_RULE)."""
+    if stale_after is not None:
+        return stale_after
+    finite = [s for s in epoch_seconds if math.isfinite(s)]
+    median = statistics.median(finite) if finite else 0.0
+    return max(STALE_EPOCHS * median, STALE_MIN_SECONDS)
+
+
+def last_sign_of_life(path: Path, attrs: dict) -> tuple[datetime, str]:
+    """The archive's heartbeat, else (version-1 archives) the file's modification time; both UTC."""
+    heartbeat = attrs.get("heartbeat", "")
+    if heartbeat:
+        try:
+            moment = datetime.fromisoformat(heartbeat)
+            return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)), "heartbeat"
+        except ValueError:
+            pass
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc), "file time"
+
+
+def row_of(path: Path, run_id: str, now: datetime, stale_after: float | None) -> RunRow:
+    """The row of one archive; a file that cannot be read gives an `unreadable` row, never an exception."""
+    try:
+        record = load_record(path)
+    except ArchiveError as error:
+        reason = str(error).removeprefix(f"{path}: ")
+        return RunRow(run_id=run_id, path=str(path), status="unreadable", note=reason, run=Path(run_id).name)
+    attrs, config, final, metrics = record.attrs, record.config, record.final, record.metrics
+    epoch_seconds = [float(s) for s in metrics.get("epoch_seconds", [])]
+    row = RunRow(
+        run_id=run_id, path=str(path), status=str(attrs.get("status", "unknown")),
+        run=str(config.get("name") or Path(run_id).name), config=str(config.get("config_name", "")),
+        model=str(attrs.get("model", config.get("model", ""))),
+        type=network_type(config.get("layer_type", "biprop"), str(config.get("model", ""))),
+        init=str(config.get("weight_init", "")),
+        batchnorm="learned" if config.get("learn_batchnorm") else "non-affine",
+        keep_ratio=attrs.get("keep_ratio", config.get("keep_ratio")), seed=attrs.get("seed", config.get("seed")),
+        world_size=attrs.get("world_size"), epochs_done=len(metrics.get("epoch", [])),
+        epochs_total=attrs.get("epochs", config.get("epochs")), restarts=len(record.restarts),
+        best_val_top1=final.get("best_val_top1"), best_epoch=final.get("best_epoch"),
+        test_top1=final.get("test_top1"), test_top5=final.get("test_top5"),
+        paper_top1=config.get("paper_top1") or None,
+        wall_seconds=sum(epoch_seconds) if epoch_seconds else None,
+        settings=config, record=record)
+    if row.test_top1 is not None and row.paper_top1 is not None:
+        row.paper_diff = row.test_top1 - row.paper_top1
+    if row.completed and row.best_val_top1 is None:
+        row.note = "no validation split: no best val top-1"
+    if row.status in ("running", "checkpointed"):
+        seen, source = last_sign_of_life(path, attrs)
+        silent = (now - seen).total_seconds()
+        limit = stale_limit(epoch_seconds, stale_after)
+        if silent > limit:
+            row.note = (f"{row.status}, but no sign of life for {duration(silent)} ({source}; stale after "
+                        f"{duration(limit)})")
+            row.status = "stale"
+        else:
+            row.note = f"last {source} {duration(max(silent, 0))} ago"
+    elif not row.completed:
+        row.note = row.note or f"ended {row.status}"
+    return row
+
+
+def collect_runs(paths: list[str], *, stale_after: float | None = None, now: datetime | None = None,
+                 exclude: str | None = None) -> list[RunRow]:
+    """One row per archive found under `paths` (see find_archives), run ids made unique with `~2`, `~3`..."""
+    now = now or datetime.now(timezone.utc)
+    rows, seen_ids = [], {}
+    for path in find_archives(paths, exclude):
+        run_id = run_id_of(path)
+        seen_ids[run_id] = seen_ids.get(run_id, 0) + 1
+        if seen_ids[run_id] > 1:
+            run_id = f"{run_id}~{seen_ids[run_id]}"
+        rows.append(row_of(path, run_id, now, stale_after))
+    return rows
+
+
+def duration(seconds: float) -> str:
+    """45s, 12m30s, 3h05m, 2d04h."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+# --- filters, groups, statistics, best runs -----------------------------------------------------------------
+
+def config_key_types() -> dict:
+    """Config key -> its type (bool, int, float, str or a list type), from the Config dataclass.
+
+    Imported here, not at the top: biprop_hpc.config pulls in torch (seconds), which the table path and the
+    library use of this module do not need; the command line has imported it already.
+    """
+    import typing
+
+    from biprop_hpc.config import Config
+    return typing.get_type_hints(Config)
+
+
+def parse_filters(filters: list[str], key_types: dict) -> dict:
+    """`key=value[,value...]` -> {key: [values]}, each value typed as the config key; errors name the problem."""
+    parsed = {}
+    for text in filters:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not values:
+            raise ValueError(f"--filter {text!r}: expected KEY=VALUE (e.g. keep_ratio=0.5; "
+                             "alternatives separated by commas: model=conv2,conv4)")
+        if key not in key_types:
+            raise ValueError(f"--filter {text!r}: {key!r} is not a config key")
+        parsed.setdefault(key, []).extend(_typed(key, key_types[key], value.strip()) for value in values.split(","))
+    return parsed
+
+
+def _typed(key: str, kind, text: str):
+    if kind is bool:
+        if text.lower() in ("true", "yes", "1", "on"):
+            return True
+        if text.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"--filter {key}={text}: {key} is true or false")
+    if kind not in (int, float, str):
+        raise ValueError(f"--filter {key}: {key} is a list; filters compare single values")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--filter {key}={text}: {key} is a number ({kind.__name__})") from None
+
+
+def apply_filters(rows: list[RunRow], filters: dict) -> list[RunRow]:
+    """The runs whose config matches every filter (any of its values). Unreadable files are always kept:
+    their settings are unknown, and a broken file must not vanish from the report."""
+    return [row for row in rows
+            if not row.settings or all(row.settings.get(key) in values for key, values in filters.items())]
+
+
+def varying_keys(rows: list[RunRow], ignore: tuple = IGNORED_BY_AUTO) -> list[str]:
+    """Config keys whose value differs between the readable runs, in the config's order."""
+    configs = [row.settings for row in rows if row.settings]
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    return [key for key in keys if key not in ignore
+            and len({_hashable(config.get(key)) for config in configs}) > 1]
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass
+class Group:
+    values: dict              # group key -> the value its runs share
+    runs: list[RunRow]        # every run of the group, completed or not
+
+    @property
+    def completed(self) -> list[RunRow]:
+        return [run for run in self.runs if run.completed]
+
+    def describe(self) -> str:
+        return " ".join(f"{key}={_text(value)}" for key, value in self.values.items()) or "all runs"
+
+
+def group_runs(rows: list[RunRow], keys: list[str]) -> list[Group]:
+    """Readable runs grouped by the values of `keys`, groups in order of those values."""
+    groups: dict[tuple, Group] = {}
+    for row in rows:
+        if row.settings:
+            values = {key: row.settings.get(key) for key in keys}
+            groups.setdefault(tuple(_hashable(v) for v in values.values()), Group(values, [])).runs.append(row)
+    return [groups[key] for key in sorted(groups, key=lambda values: tuple(map(_order, values)))]
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); the std of one value is None (shown "-")."""
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def best_run(group: Group) -> RunRow | None:
+    """The completed run with the highest validation top-1 (ties: the first run id); never chosen by test."""
+    candidates = [run for run in group.completed if run.best_val_top1 is not None]
+    return min(candidates, key=lambda run: (-run.best_val_top1, run.run_id), default=None)
+
+
+def group_summary(group: Group) -> dict:
+    """One row of the group table: keys, counts, mean and std per statistic, paper reference, best run."""
+    done = group.completed
+    summary = dict(group.values)
+    summary.update(runs=len(done), left_out=len(group.runs) - len(done))
+    for column in STAT_COLUMNS:
+        mean, std = mean_std([run.value(column) for run in done if run.value(column) is not None])
+        summary[column], summary[f"{column}_std"] = mean, std
+    papers = {run.paper_top1 for run in group.runs}
+    summary["paper_top1"] = papers.pop() if len(papers) == 1 else None   # none, or differing inside the group
+    summary["paper_diff"] = (summary["test_top1"] - summary["paper_top1"]
+                             if summary["test_top1"] is not None and summary["paper_top1"] is not None else None)
+    best = best_run(group)
+    summary["best_run_id"] = best.run_id if best else ""
+    return summary
+
+
+def sort_rows(rows: list, key: str | None, value_of) -> list:
+    """Ascending by `key` (so the largest values end next to the prompt); missing values first."""
+    if key is None:
+        return rows
+    return sorted(rows, key=lambda row: _order(value_of(row, key)))
+
+
+def _order(value):
+    """A sort key that puts None first and compares numbers numerically."""
+    return (value is not None, _hashable(value) if value is not None else 0)
+
+
+def default_run_order(rows: list[RunRow]) -> list[RunRow]:
+    return sorted(rows, key=lambda row: (row.config, _order(row.keep_ratio), row.type, _order(row.seed), row.run_id))
+
+
+# --- outputs: terminal table, CSV, summary archive ----------------------------------------------------------
+
+def _epochs(row: RunRow) -> str | None:
+    if row.epochs_done is None:
+        return None
+    return f"{row.epochs_done}/{row.epochs_total if row.epochs_total is not None else '?'}"
+
+
+def _wall(row: RunRow) -> str | None:
+    return duration(row.wall_seconds) if row.wall_seconds is not None else None
+
+
+RUN_VIEW = (  # terminal header, column (or a function of the row), format
+    ("run", "run", "s"), ("config", "config", "s"), ("model", "model", "s"), ("type", "type", "s"),
+    ("init", "init", "s"), ("BN", "batchnorm", "s"), ("keep", "keep_ratio", "g"), ("seed", "seed", "d"),
+    ("ranks", "world_size", "d"), ("epochs", _epochs, "s"), ("restarts", "restarts", "d"),
+    ("best val", "best_val_top1", ".2f"), ("test top-1", "test_top1", ".2f"), ("top-5", "test_top5", ".2f"),
+    ("paper", "paper_top1", ".2f"), ("diff", "paper_diff", "+.2f"), ("wall", _wall, "s"), ("status", "status", "s"),
+)
+
+
+def _text(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and spec in ("", "g"):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return format(value, spec) if spec and spec != "s" else str(value)
+
+
+def aligned(header: list[str], cells: list[list[str]], right: list[bool]) -> str:
+    """A plain text table: columns separated by two spaces, numbers right-aligned."""
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(header)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in cells])
+
+
+def format_runs(rows: list[RunRow]) -> str:
+    header = [view[0] for view in RUN_VIEW]
+    right = [spec != "s" for _, _, spec in RUN_VIEW]
+    cells = [[_text(column(row) if callable(column) else getattr(row, column), spec)
+              for _, column, spec in RUN_VIEW] for row in rows]
+    return aligned(header, cells, right)
+
+
+def format_groups(summaries: list[dict], keys: list[str]) -> str:
+    header = keys + ["runs", "left out", "best val", "test top-1", "top-5", "paper", "diff", "best run (val)"]
+    numeric_keys = [group_columns(summaries, keys)[key] is float for key in keys]
+    right = numeric_keys + [True] * 7 + [False]
+    cells = []
+    for s in summaries:
+        stats = [f"{_text(s[c], '.2f')} +- {_text(s[c + '_std'], '.2f')}" if s[c] is not None else "-"
+                 for c in STAT_COLUMNS]
+        cells.append([_text(s[k]) for k in keys] + [str(s["runs"]), str(s["left_out"])] + stats
+                     + [_text(s["paper_top1"], ".2f"), _text(s["paper_diff"], "+.2f"), s["best_run_id"] or "-"])
+    return aligned(header, cells, right)
+
+
+def format_left_out(rows: list[RunRow]) -> str:
+    """The count per state, and every run left out of the statistics with its state and reason."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    lines = [f"{len(rows)} runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
+    left_out = [row for row in rows if not row.completed]
+    if left_out:
+        lines.append("left out of the statistics:")
+        width = max(len(row.run_id) for row in left_out)
+        lines += [f"  {row.run_id.ljust(width)}  {row.status:<12}  {row.note}  ({row.path})" for row in left_out]
+    return "\n".join(lines)
+
+
+def write_csv(path: str, columns: list[str], records: list[dict]) -> None:
+    """Plain values (full precision; empty for missing), one header line."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow(["" if record[c] is None else _csv_value(record[c]) for c in columns])
+
+
+def _csv_value(value):
+    return json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+
+def run_record(row: RunRow) -> dict:
+    return {column: getattr(row, column) for column in TABLE_COLUMNS}
+
+
+def _compound(columns: dict, records: list[dict]) -> np.ndarray:
+    """Records -> a numpy structured array: strings, int64 (missing -1), float64 (missing NaN)."""
+    kinds = {str: h5py.string_dtype(), int: np.int64, float: np.float64}
+    dtype = np.dtype([(name, kinds[kind]) for name, kind in columns.items()])
+    missing = {str: "", int: -1, float: np.nan}
+    rows = [tuple(missing[kind] if r[name] is None else (kind(r[name]) if kind is not str else _text(r[name]))
+                  for name, kind in columns.items()) for r in records]
+    return np.array(rows, dtype=dtype)
+
+
+def group_columns(summaries: list[dict], keys: list[str]) -> dict:
+    """The /groups columns: numeric group keys as floats, others as text, then the statistics."""
+    columns = {}
+    for key in keys:
+        values = [s[key] for s in summaries if s[key] is not None]
+        numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        columns[key] = float if numeric else str
+    return {**columns, **GROUP_COLUMNS}
+
+
+def write_summary(path: str, rows: list[RunRow], groups: tuple[list[str], list[dict]] | None,
+                  meta: dict) -> None:
+    """The summary archive (schema in the module docstring), replaced atomically."""
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w", locking=False) as h5:
+            h5.attrs.update(kind=SUMMARY_KIND, summary_version=SUMMARY_VERSION,
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            biprop_hpc_version=biprop_hpc.__version__, stale_rule=STALE_RULE,
+                            **{key: json.dumps(value) for key, value in meta.items()})
+            h5.create_dataset("table", data=_compound(TABLE_COLUMNS, [run_record(row) for row in rows]))
+            if groups is not None:
+                keys, summaries = groups
+                h5.create_dataset("groups", data=_compound(group_columns(summaries, keys), summaries))
+            runs = h5.create_group("runs")
+            for row in rows:
+                if row.record is not None:
+                    _copy_run(runs.create_group(row.run_id), row)
+
+    replace_atomically(path, write)
+
+
+def _copy_run(group: h5py.Group, row: RunRow) -> None:
+    record = row.record
+    group.attrs.update(record.attrs)
+    group.attrs["source_path"] = os.path.realpath(row.path)
+    metrics = group.create_group("metrics")
+    for name, values in record.metrics.items():
+        metrics.create_dataset(name, data=np.asarray(values, dtype=np.int64 if name == "epoch" else np.float64))
+    group.create_group("final").attrs.update(record.final)
+    layers = [(layer["name"], layer["weights"], layer["kept"], layer["alpha"]) for layer in record.layers]
+    group.create_dataset("layers", data=np.array(layers, dtype=LAYER_DTYPE))
+    restarts = [(r["time"], r["epoch"], r["step"], r["reason"]) for r in record.restarts]
+    group.create_dataset("restarts", data=np.array(restarts, dtype=RESTART_DTYPE))
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+def add_results_commands(subparsers) -> None:
+    """Register `biprop results PATH...`."""
+    parser = subparsers.add_parser(
+        "results", allow_abbrev=False, help="table, statistics, summary archive and plots of many runs",
+        description="Read every run archive under the paths (read-only, without locks: safe beside running "
+                    "jobs) and print one row per run; unreadable, unfinished and stale runs are listed and "
+                    "left out of the statistics. A run is stale when its " + STALE_RULE + ". Give PATHs first: "
+                    "--filter and --group-by take several values.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, sweep directories or archives")
+    parser.add_argument("--filter", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="keep runs whose config matches, e.g. keep_ratio=0.5 model=conv2,conv4")
+    parser.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
+                        help="config keys to group by (mean +- std over the other runs, e.g. seeds), or "
+                             "'auto': every key that varies, except the seed, name and execution keys")
+    parser.add_argument("--best", action="store_true",
+                        help="show the best run per group by validation top-1 (groups: --group-by, else auto)")
+    parser.add_argument("--sort", metavar="KEY", help="sort ascending by a column or config key, e.g. test_top1")
+    parser.add_argument("--csv", metavar="FILE", help="also write the printed table as CSV")
+    parser.add_argument("--out", metavar="FILE", help="write (or update) the summary archive, e.g. summary.h5")
+    parser.add_argument("--plot", metavar="DIR", help="write PNG plots (top-1 against keep ratio, learning curves)")
+    parser.add_argument("--stale-after", type=float, metavar="SECONDS",
+                        help="a running run silent for longer than this is stale (default: max(3 epochs, 10 min))")
+    parser.set_defaults(handler=run_results_command)
+
+
+def run_results_command(args) -> dict:
+    """Run `biprop results`: print the table; return a JSON-able summary of what was read and written."""
+    key_types = config_key_types()
+    filters = parse_filters(args.filter, key_types)
+    group_by = _checked_group_keys(args.group_by, key_types)
+    if args.sort and not (args.sort in TABLE_COLUMNS or args.sort in GROUP_COLUMNS or args.sort in key_types):
+        raise ValueError(f"--sort {args.sort}: not a column ({', '.join(TABLE_COLUMNS)}; with --group-by: "
+                         f"{', '.join(GROUP_COLUMNS)}) nor a config key")
+    if args.stale_after is not None and args.stale_after <= 0:
+        raise ValueError(f"--stale-after {args.stale_after}: give a number of seconds > 0")
+    rows = collect_runs(args.paths, stale_after=args.stale_after, exclude=args.out)
+    rows = default_run_order(apply_filters(rows, filters))
+    if args.best and not group_by:
+        group_by = ["auto"]
+    keys = varying_keys(rows) if group_by == ["auto"] else group_by
+    groups = group_runs(rows, keys) if group_by else []
+    summaries = [group_summary(group) for group in groups]
+
+    table, columns, records = _shown_table(args, rows, groups, summaries, keys)
+    print(table)
+    if group_by:
+        print(f"\ngrouped by: {', '.join(keys) or '(nothing varies: one group)'}")
+    print("\n" + format_left_out(rows), flush=True)
+
+    if args.csv:
+        write_csv(args.csv, columns, records)
+    if args.out:
+        write_summary(args.out, rows, (keys, summaries) if group_by else None,
+                      {"sources": [str(p) for p in args.paths], "filters": args.filter, "group_by": keys})
+    plots = []
+    if args.plot:
+        from biprop_hpc.archive.plots import write_plots  # matplotlib only when plots are asked for
+        plots = [str(path) for path in write_plots(rows, args.plot)]
+    return {"command": "results", "runs": len(rows), "completed": sum(row.completed for row in rows),
+            "groups": len(groups), "csv": args.csv or "", "summary": args.out or "", "plots": plots}
+
+
+def _shown_table(args, rows: list[RunRow], groups: list[Group], summaries: list[dict],
+                 keys: list[str]) -> tuple[str, list[str], list[dict]]:
+    """The table to print and to write as CSV: the best runs, the groups, or every run; and its records."""
+    if args.best:
+        best = {id(run) for run in map(best_run, groups) if run is not None}
+        shown = sort_rows([row for row in rows if id(row) in best], args.sort, RunRow.value)
+    elif groups:
+        summaries = sort_rows(summaries, args.sort, _summary_value)
+        return format_groups(summaries, keys), list(group_columns(summaries, keys)), summaries
+    else:
+        shown = sort_rows(rows, args.sort, RunRow.value)
+    return format_runs(shown), list(TABLE_COLUMNS), [run_record(row) for row in shown]
+
+
+def _checked_group_keys(keys: list[str], key_types: dict) -> list[str]:
+    if "auto" in keys and len(keys) > 1:
+        raise ValueError("--group-by auto groups by every varying key; give it alone or list keys instead")
+    unknown = [key for key in keys if key != "auto" and key not in key_types]
+    if unknown:
+        raise ValueError(f"--group-by {unknown[0]}: not a config key")
+    return keys
+
+
+def _summary_value(summary: dict, key: str):
+    if key not in summary:
+        raise ValueError(f"--sort {key}: the group table has no column {key!r} (columns: {', '.join(summary)})")
+    return summary[key]

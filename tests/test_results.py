@@ -1,0 +1,356 @@
+"""`biprop results` on archives of short real runs, plus the odd files a sweep on a shared file system leaves."""
+import csv
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import write_idx
+from biprop_hpc.archive import SCHEMA_VERSION, read_archive, write_archive
+from biprop_hpc.archive.results import TABLE_COLUMNS, apply_filters, collect_runs, config_key_types, parse_filters
+from biprop_hpc.cli import main
+from biprop_hpc.config import build_config
+from biprop_hpc.dist import Local
+from biprop_hpc.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = 60.0                   # a reference accuracy given to the searched runs' config
+REAL_COMPLETED = ["tiny/keep=0.5/seed0", "tiny/keep=0.5/seed1", "tiny/keep=0.25/seed0", "tiny/keep=0.25/seed1",
+                  "tiny/keep=0.25/seed2", "tiny_dense/keep=0.5/seed0"]
+REQUEUED = "tiny/keep=0.25/seed2"
+BROKEN = {"broken/keep=0.5/truncated": "truncated", "broken/keep=0.5/empty": "empty",
+          "broken/keep=0.5/text": "not HDF5", "broken/keep=0.5/newer": "newer schema"}
+
+
+def tiny_dataset(directory: Path) -> Path:
+    """The tiny 10-class IDX dataset of conftest's tiny_idx_dir (8x8 images), here for a module-wide sweep."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 8, 8))
+        for i, label in enumerate(labels):
+            images[i, label % 8, :] = 250 if label < 8 else 120
+            images[i, :, label % 8] += 100 if label >= 8 else 0
+        return images.clip(0, 255), labels
+
+    train_images, train_labels = make(400)
+    test_images, test_labels = make(100)
+    write_idx(directory / "train-images-idx3-ubyte", train_images, compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte", train_labels, compress=False)
+    write_idx(directory / "t10k-images-idx3-ubyte", test_images, compress=False)
+    write_idx(directory / "t10k-labels-idx1-ubyte", test_labels, compress=True)
+    return directory
+
+
+def real_run(out: Path, data: Path, **overrides) -> Path:
+    values = {"dataset": "mnist", "data": str(data), "model": "conv2", "width_mult": 0.25, "epochs": 2,
+              "batch_size": 32, "eval_batch_size": 64, "val_fraction": 0.2, "out": str(out), "lr": 0.05,
+              "threads": 1, "config_name": "tiny", "paper_top1": PAPER, **overrides}
+    cfg = build_config(None, values)
+    train(cfg, Local())
+    return cfg.run_dir() / "archive.h5"
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """runs/: six completed real runs (two keep ratios, three seeds at 0.25, a dense one), one of them requeued
+    twice; a run still running and one marked running whose heartbeat is two hours old; four broken files."""
+    data = tiny_dataset(tmp_path_factory.mktemp("data"))
+    runs = tmp_path_factory.mktemp("sweep") / "runs"
+    for keep, seeds in ((0.5, (0, 1, 3, 4)), (0.25, (0, 1, 2))):
+        for seed in seeds:
+            real_run(runs, data, keep_ratio=keep, seed=seed)
+    real_run(runs, data, config_name="tiny_dense", layer_type="dense", paper_top1=0.0)
+
+    now = datetime.now(timezone.utc)
+    requeued = runs / REQUEUED / "archive.h5"
+    record = read_archive(requeued)
+    record.restarts = [{"time": iso(now - timedelta(minutes=30)), "epoch": 1, "step": 3, "reason": "SIGUSR1"},
+                       {"time": iso(now - timedelta(minutes=10)), "epoch": 1, "step": 9,
+                        "reason": "unknown (no stop recorded)"}]
+    write_archive(requeued, record)
+    for name, heartbeat in (("seed3", now - timedelta(hours=2)), ("seed4", now)):
+        path = runs / "tiny/keep=0.5" / name / "archive.h5"
+        record = read_archive(path)
+        record.attrs.update(status="running", heartbeat=iso(heartbeat), end_time="")
+        record.metrics = {key: values[:1] for key, values in record.metrics.items()}
+        record.final = {}
+        write_archive(path, record)
+
+    good = (runs / "tiny/keep=0.5/seed0/archive.h5").read_bytes()
+    broken = {name: runs / name / "archive.h5" for name in BROKEN}
+    for path in broken.values():
+        path.parent.mkdir(parents=True)
+    broken["broken/keep=0.5/truncated"].write_bytes(good[: len(good) // 2])
+    broken["broken/keep=0.5/empty"].write_bytes(b"")
+    broken["broken/keep=0.5/text"].write_text("status: completed\n")
+    write_archive(broken["broken/keep=0.5/newer"], read_archive(runs / "tiny/keep=0.5/seed0/archive.h5"))
+    with h5py.File(broken["broken/keep=0.5/newer"], "a") as h5:
+        h5.attrs["schema_version"] = SCHEMA_VERSION + 1
+    return runs
+
+
+def archive_values(path: Path) -> dict:
+    """What a row should say, read with h5py directly (not through the code under test)."""
+    with h5py.File(path, "r", locking=False) as h5:
+        config = json.loads(h5.attrs["config"])
+        return {"final": dict(h5["final"].attrs), "status": h5.attrs["status"], "config": config,
+                "epochs": len(h5["metrics/epoch"]), "wall": float(np.sum(h5["metrics/epoch_seconds"][()])),
+                "val_top1": h5["metrics/val_top1"][()], "restarts": len(h5["restarts"]) if "restarts" in h5 else 0,
+                "world_size": int(h5.attrs["world_size"])}
+
+
+def run_cli(*args) -> int:
+    return main(["results", *map(str, args)])
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_table_rows_match_the_archives(sweep):
+    rows = {row.run_id: row for row in collect_runs([sweep])}
+    assert len(rows) == len(list(sweep.rglob("*.h5"))) == 12
+    for run_id in REAL_COMPLETED:
+        row, expected = rows[run_id], archive_values(sweep / run_id / "archive.h5")
+        final, config = expected["final"], expected["config"]
+        assert row.status == "completed"
+        assert (row.run, row.config, row.model) == (run_id.split("/")[-1], run_id.split("/")[0], "conv2")
+        assert row.type == ("dense" if config["layer_type"] == "dense" else "MPT-1/32")
+        assert (row.init, row.batchnorm) == ("kn", "non-affine")
+        assert (row.keep_ratio, row.seed, row.world_size) == (config["keep_ratio"], config["seed"], 1)
+        assert (row.epochs_done, row.epochs_total) == (expected["epochs"], 2)
+        assert row.restarts == (2 if run_id == REQUEUED else 0)
+        assert row.best_val_top1 == final["best_val_top1"] == pytest.approx(np.max(expected["val_top1"]))
+        assert (row.test_top1, row.test_top5) == (final["test_top1"], final["test_top5"])
+        if config["layer_type"] == "dense":
+            assert row.paper_top1 is None and row.paper_diff is None
+        else:
+            assert row.paper_diff == pytest.approx(final["test_top1"] - PAPER)
+        assert row.wall_seconds == pytest.approx(expected["wall"])
+
+
+def test_bad_and_unfinished_runs_are_listed_with_their_state(sweep):
+    rows = {row.run_id: row for row in collect_runs([sweep])}
+    assert rows["tiny/keep=0.5/seed3"].status == "stale"           # running, heartbeat 2 h old
+    assert "2h00m" in rows["tiny/keep=0.5/seed3"].note and "heartbeat" in rows["tiny/keep=0.5/seed3"].note
+    assert rows["tiny/keep=0.5/seed4"].status == "running"         # running, heartbeat now
+    assert rows["tiny/keep=0.5/seed4"].epochs_done == 1
+    for run_id in BROKEN:
+        assert rows[run_id].status == "unreadable", run_id
+    assert "newer" in rows["broken/keep=0.5/newer"].note
+    by_stale_after = {row.run_id: row.status for row in collect_runs([sweep], stale_after=3 * 3600)}
+    assert by_stale_after["tiny/keep=0.5/seed3"] == "running"
+
+
+def test_each_run_counts_once_with_overlapping_paths_and_filters(sweep):
+    rows = collect_runs([sweep, sweep / "tiny", sweep / REQUEUED / "archive.h5"])
+    assert len(rows) == 12
+    assert [row.restarts for row in rows if row.run_id.endswith(REQUEUED)] == [2]
+    kept = apply_filters(rows, parse_filters(["keep_ratio=0.25", "layer_type=biprop,dense"], config_key_types()))
+    assert sorted(row.run_id for row in kept if row.settings) == [
+        "tiny/keep=0.25/seed0", "tiny/keep=0.25/seed1", "tiny/keep=0.25/seed2"]
+    assert sum(not row.settings for row in kept) == len(BROKEN)   # unreadable files are always listed
+
+
+def expected_groups(runs: Path) -> dict:
+    """(config_name, layer_type, keep_ratio) -> the completed runs' values, read with h5py."""
+    groups = {}
+    for run_id in REAL_COMPLETED:
+        values = archive_values(runs / run_id / "archive.h5")
+        config = values["config"]
+        groups.setdefault((config["config_name"], config["layer_type"], config["keep_ratio"]), []).append(values)
+    return groups
+
+
+def test_grouped_means_and_stds_match_a_computation_here(sweep, tmp_path, capsys):
+    assert run_cli(sweep, "--group-by", "auto", "--csv", tmp_path / "groups.csv") == 0
+    out = capsys.readouterr().out
+    assert "grouped by: config_name, keep_ratio, layer_type" in out
+    table = {(r["config_name"], r["layer_type"], float(r["keep_ratio"])): r for r in csv_rows(tmp_path / "groups.csv")}
+    expected = expected_groups(sweep)
+    assert set(table) == set(expected)
+    left_out = {("tiny", "biprop", 0.5): 2}        # the stale and the running run
+    for key, runs in expected.items():
+        row = table[key]
+        assert int(row["runs"]) == len(runs) and int(row["left_out"]) == left_out.get(key, 0)
+        for column in ("best_val_top1", "test_top1", "test_top5"):
+            values = [run["final"][column] for run in runs]
+            assert float(row[column]) == pytest.approx(sum(values) / len(values))
+            if len(values) > 1:
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                assert float(row[f"{column}_std"]) == pytest.approx(std)
+            else:
+                assert row[f"{column}_std"] == ""
+    assert len(expected[("tiny", "biprop", 0.25)]) == 3          # the requeued run counted once
+
+
+def test_best_run_per_group_is_chosen_by_validation_never_by_test(sweep, tmp_path):
+    assert run_cli(sweep, "--best", "--csv", tmp_path / "best.csv") == 0
+    best = {(r["config"], r["type"], float(r["keep_ratio"])): r["run_id"] for r in csv_rows(tmp_path / "best.csv")}
+    for (config_name, layer_type, keep), runs in expected_groups(sweep).items():
+        top = max(runs, key=lambda run: (run["final"]["best_val_top1"], -run["config"]["seed"]))
+        kind = "dense" if layer_type == "dense" else "MPT-1/32"
+        assert best[(config_name, kind, keep)].endswith(f"keep={keep:g}/{top['config']['name']}")
+
+    # Two copies whose validation and test disagree: the one better on validation is the best.
+    odd = tmp_path / "odd"
+    for name, val, test in (("seed0", 90.0, 50.0), ("seed1", 80.0, 99.0)):
+        record = read_archive(sweep / "tiny/keep=0.5" / name / "archive.h5")
+        record.final.update(best_val_top1=val, test_top1=test)
+        write_archive(odd / "tiny/keep=0.5" / name / "archive.h5", record)
+    assert run_cli(odd, "--best", "--group-by", "keep_ratio", "--csv", tmp_path / "odd.csv") == 0
+    assert [r["run_id"] for r in csv_rows(tmp_path / "odd.csv")] == ["tiny/keep=0.5/seed0"]
+
+
+def test_csv_and_terminal_table_hold_every_run(sweep, tmp_path, capsys):
+    assert run_cli(sweep, "--csv", tmp_path / "runs.csv", "--sort", "test_top1") == 0
+    out = capsys.readouterr().out
+    rows = csv_rows(tmp_path / "runs.csv")
+    assert list(rows[0]) == list(TABLE_COLUMNS) and len(rows) == 12
+    by_id = {r["run_id"]: r for r in rows}
+    for run_id in REAL_COMPLETED:
+        expected = archive_values(sweep / run_id / "archive.h5")
+        assert float(by_id[run_id]["test_top1"]) == expected["final"]["test_top1"]
+        assert float(by_id[run_id]["best_val_top1"]) == expected["final"]["best_val_top1"]
+        assert by_id[run_id]["status"] == "completed"
+    tests = [float(r["test_top1"]) for r in rows if r["test_top1"]]
+    assert tests == sorted(tests) and not any(rows[i]["test_top1"] for i in range(12 - len(tests)))
+
+    lines = out.splitlines()
+    header, rule = lines[0], lines[1]
+    assert set(rule.replace(" ", "")) == {"-"}
+    end = header.index("test top-1") + len("test top-1")            # right-aligned under its header
+    completed = [line for line in lines[2:14] if line.endswith("completed")]
+    assert len(completed) == len(REAL_COMPLETED)
+    assert all(line[end - 1].isdigit() and line[end] == " " for line in completed)
+    assert "left out of the statistics:" in out and out.count("unreadable") >= len(BROKEN)
+
+
+def test_summary_archive_holds_copies_and_is_rewritten(sweep, tmp_path):
+    runs = shutil.copytree(sweep, tmp_path / "runs")
+    summary = tmp_path / "summary.h5"
+    assert run_cli(runs, "--out", summary, "--group-by", "auto") == 0
+    shutil.rmtree(runs)                                        # the summary outlives the runs
+    with h5py.File(summary, "r") as h5:
+        assert h5.attrs["kind"] == "biprop-hpc results summary"
+        table = h5["table"][()]
+        assert table.dtype.names == tuple(TABLE_COLUMNS) and len(table) == 12
+        ids = [name.decode() for name in table["run_id"]]
+        assert len(h5["groups"]) == 3
+        for run_id in REAL_COMPLETED + ["tiny/keep=0.5/seed3", "tiny/keep=0.5/seed4"]:
+            expected = archive_values(sweep / run_id / "archive.h5")
+            assert run_id in ids
+            group = h5["runs/" + run_id]
+            assert json.loads(group.attrs["config"]) == expected["config"]
+            assert np.array_equal(group["metrics/val_top1"][()], expected["val_top1"])
+            assert dict(group["final"].attrs) == expected["final"]
+            assert len(group["restarts"]) == expected["restarts"]
+        links = []
+        h5.visit(lambda name: links.append(type(h5.get(name, getlink=True))))
+        assert set(links) == {h5py.HardLink}                   # copies, no external links
+
+    assert run_cli(sweep, "--out", summary, "--filter", "keep_ratio=0.25") == 0
+    with h5py.File(summary, "r") as h5:
+        assert len(h5["table"]) == 3 + len(BROKEN) and "groups" not in h5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.h5"]   # no temporary file left
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plots_are_pngs_of_the_expected_size(sweep, tmp_path):
+    assert run_cli(sweep, "--plot", tmp_path / "plots") == 0
+    for name in ("top1_vs_keep_ratio.png", "val_top1_curves.png"):
+        path = tmp_path / "plots" / name
+        assert png_size(path) == (1000, 600)
+        assert path.stat().st_size > 20_000, "a plot with lines, not an empty frame"
+
+
+def test_table_path_imports_neither_torch_nor_matplotlib():
+    code = ("import sys; import biprop_hpc.archive.results; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+
+
+def test_reading_never_modifies_an_archive(sweep, tmp_path):
+    def state():
+        return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in sorted(sweep.rglob("*")) if p.is_file()}
+    before = state()
+    assert run_cli(sweep, "--group-by", "auto", "--csv", tmp_path / "t.csv", "--out", tmp_path / "s.h5",
+                   "--plot", tmp_path / "plots") == 0
+    assert run_cli(sweep, "--best") == 0
+    assert state() == before
+
+
+def test_version_1_archive_and_stale_rule(tmp_path, sweep):
+    legacy = REPO / "bench/results/h100-2026-11-26/conv2_mpt1-32.h5"
+    shutil.copy(legacy, tmp_path / "legacy.h5")
+    [row] = collect_runs([tmp_path / "legacy.h5"])
+    expected = archive_values(legacy)
+    assert (row.status, row.restarts, row.epochs_done, row.epochs_total) == ("completed", 0, 10, 10)
+    assert row.test_top1 == expected["final"]["test_top1"] and row.type == "MPT-1/32"
+
+    # Median epoch 500 s -> stale after 1500 s; without a heartbeat the file time counts.
+    now = datetime.now(timezone.utc)
+    record = read_archive(sweep / "tiny/keep=0.5/seed0/archive.h5")
+    record.attrs["status"] = "checkpointed"
+    record.metrics["epoch_seconds"] = [400.0, 600.0]
+    cases = {"quiet20m": now - timedelta(minutes=20), "quiet30m": now - timedelta(minutes=30), "no_heartbeat": None}
+    for name, heartbeat in cases.items():
+        record.attrs["heartbeat"] = iso(heartbeat) if heartbeat else ""
+        write_archive(tmp_path / "runs" / name / "archive.h5", record)
+    old = (now - timedelta(hours=1)).timestamp()
+    os.utime(tmp_path / "runs/no_heartbeat/archive.h5", (old, old))
+    status = {Path(r.run_id).name: r.status for r in collect_runs([tmp_path / "runs"], now=now)}
+    assert status == {"quiet20m": "checkpointed", "quiet30m": "stale", "no_heartbeat": "stale"}
+    status = {Path(r.run_id).name: r.status for r in collect_runs([tmp_path / "runs"], now=now, stale_after=60)}
+    assert status["quiet20m"] == "stale"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/sweep"], "no such file or directory"),
+    (["{runs}", "--filter", "keep_ration=0.5"], "'keep_ration' is not a config key"),
+    (["{runs}", "--filter", "keep_ratio=half"], "keep_ratio is a number"),
+    (["{runs}", "--filter", "keep_ratio"], "expected KEY=VALUE"),
+    (["{runs}", "--group-by", "modle"], "--group-by modle: not a config key"),
+    (["{runs}", "--sort", "tset_top1"], "--sort tset_top1: not a column"),
+])
+def test_bad_input_is_a_clear_error(sweep, capsys, args, message):
+    assert run_cli(*[arg.format(runs=sweep) for arg in args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_paper_configs_carry_the_reported_accuracy():
+    reported = {"cifar10/vgg_small_mpt1-32_kn": 91.48, "cifar10/vgg_small_mpt1-32_sc": 91.48,
+                "cifar10/resnet18_mpt1-32_kn": 94.66, "cifar10/resnet18_mpt1-32_sc": 94.66,
+                "cifar10/resnet18_mpt1-32_kn_bn": 94.8, "cifar10/resnet18_mpt1-32_sc_bn": 94.8,
+                "cifar10/vgg_small_bin_mpt1-1_kn": 89.11, "cifar10/vgg_small_bin_mpt1-1_sc": 89.11,
+                "cifar10/vgg_small_bin_mpt1-1_kn_bn": 91.9, "cifar10/vgg_small_bin_mpt1-1_sc_bn": 91.9,
+                "imagenet/wrn50-2_mpt1-32_sc": 72.67, "imagenet/wrn50-2_mpt1-32_sc_bn": 74.03,
+                "imagenet/wrn34-2_mpt1-1_kn": 45.06, "imagenet/wrn34-2_mpt1-1_kn_bn": 52.07}
+    for path in sorted((REPO / "configs").glob("*/*.yaml")):
+        name = f"{path.parent.name}/{path.stem}"
+        if path.parent.name in ("cifar10", "imagenet") and not path.stem.startswith("_"):
+            assert build_config(str(path), {}).paper_top1 == reported.get(name, 0.0), name
