@@ -3,9 +3,11 @@
 (a) Conv4 BIPROP (keep ratio 0.5), CIFAR shape 3x32x32, --batch images per rank: median training-step time
     with the Horovod DistributedOptimizer (op Sum, as training uses it: biprop_hpc.dist.HorovodContext),
     the time spent waiting in optimizer.synchronize() after backward (the allreduce not hidden behind
-    backward), and the same step on an identical model with the plain optimizer (no allreduce), steps
-    interleaved. allreduce share = (step - step without allreduce) / step. With 1 rank Horovod registers no
-    gradient hooks, so there the share is ~0 by construction.
+    backward), the same step followed by the training loop's stop vote (wait for the previous step's vote,
+    start the next: ctx.any_async, how all ranks agree on a step at which to stop on a scheduler's signal),
+    and the same step on an identical model with the plain optimizer (no allreduce), steps interleaved.
+    allreduce share = (step - step without allreduce) / step. With 1 rank Horovod registers no gradient hooks,
+    so there the share is ~0 by construction.
 (b) The score gradient of WRN-50-2: hvd.allreduce (op Sum) of one --numel fp32 tensor (68.9M floats, 276 MB),
     plain, with hvd.Compression.fp16 (cast to half, allreduce, cast back), and of an already-half tensor
     (wire cost only); median of --repeats. grad GB/s = fp32 gradient bytes / time (what training gets);
@@ -86,6 +88,14 @@ def worker(args):
             dist_opt.step()
         return wait
 
+    pending_vote = [lambda: False]
+
+    def step_with_allreduce_and_vote():
+        wait = step_with_allreduce()
+        pending_vote[0]()
+        pending_vote[0] = ctx.any_async(False, "stop_vote")
+        return wait
+
     def step_without_allreduce():
         local_opt.zero_grad()
         criterion(local_model(x), y).backward()
@@ -98,12 +108,14 @@ def worker(args):
         return time.perf_counter() - start, extra
 
     for _ in range(args.warmup):
-        timed(step_with_allreduce), timed(step_without_allreduce)
-    with_ar, waits, without_ar = [], [], []
+        timed(step_with_allreduce), timed(step_with_allreduce_and_vote), timed(step_without_allreduce)
+    with_ar, waits, with_vote, without_ar = [], [], [], []
     for _ in range(args.repeats):
         t, w = timed(step_with_allreduce)
         with_ar.append(t), waits.append(w)
+        with_vote.append(timed(step_with_allreduce_and_vote)[0])
         without_ar.append(timed(step_without_allreduce)[0])
+    pending_vote[0]()
 
     numel = int(args.numel)
     big = torch.randn(numel)
@@ -122,6 +134,7 @@ def worker(args):
             big_times[name].append(timed(fn)[0])
 
     medians = {"step": statistics.median(with_ar), "wait": statistics.median(waits),
+               "step_vote": statistics.median(with_vote),
                "step_no_ar": statistics.median(without_ar),
                **{name: statistics.median(t) for name, t in big_times.items()}}
     every_rank = hvd.allgather_object(medians, name="medians")
@@ -151,6 +164,8 @@ def report(results):
 
     rows = [
         ("train step ms (with allreduce)", lambda r: f"{r['step']:.1f}"),
+        ("train step ms (with allreduce + stop vote)", lambda r: f"{r['step_vote']:.1f}"),
+        ("  stop vote / step", lambda r: f"{r['step_vote'] / r['step']:.3f}"),
         ("train step ms (no allreduce)", lambda r: f"{r['step_no_ar']:.1f}"),
         ("allreduce share of step", lambda r: f"{100 * (r['step'] - r['step_no_ar']) / r['step']:.1f}%"),
         ("synchronize() wait ms", lambda r: f"{r['wait']:.1f}"),
@@ -172,6 +187,7 @@ def report(results):
         line = [label, *(cell(r) for r in results)]
         if ratio:
             key = {"train step ms (with allreduce)": "step", "train step ms (no allreduce)": "step_no_ar",
+                   "train step ms (with allreduce + stop vote)": "step_vote",
                    "fp32 allreduce ms": "fp32", "fp16-compressed allreduce ms": "fp16",
                    "half-tensor allreduce ms": "half"}.get(label)
             line.append(f"{results[-1][key] / results[0][key]:.2f}" if key else "")

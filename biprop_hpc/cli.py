@@ -15,6 +15,8 @@ from biprop_hpc.data import DatasetMissing
 from biprop_hpc.data.check import add_data_commands
 from biprop_hpc.dist import init_distributed
 from biprop_hpc.jobs import add_jobs_commands
+from biprop_hpc.packed.infer import add_infer_command
+from biprop_hpc.ticket.commands import add_evaluate_ticket_option, add_ticket_commands, evaluate_command
 from biprop_hpc.train.stopping import CHECKPOINTED_EXIT, RunCheckpointed, StopRequests
 
 log = logging.getLogger("biprop_hpc")
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
 
     evaluate = commands.add_parser("evaluate", allow_abbrev=False, help="score a checkpoint on a dataset split")
-    evaluate.add_argument("--checkpoint", required=True, help="a .pt file from a run's checkpoints/")
+    evaluate.add_argument("--checkpoint", help="a .pt file from a run's checkpoints/")
+    add_evaluate_ticket_option(evaluate)
     evaluate.add_argument("--split", default="test", choices=("test", "val"))
     evaluate.add_argument("--data", default="", help="dataset directory (default: the one the run used)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_jobs_commands(commands)
     add_results_commands(commands)
+    add_infer_command(commands)
+    add_ticket_commands(commands)
     return parser
 
 
@@ -55,8 +60,7 @@ def _run(args, ctx, stop: StopRequests) -> dict:
         overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         from biprop_hpc.train import train
         return train(build_config(args.config, overrides), ctx, stop)
-    from biprop_hpc.train import evaluate_checkpoint
-    return evaluate_checkpoint(args.checkpoint, args.split, ctx, args.data, args.device)
+    return evaluate_command(args, ctx)  # --checkpoint or --ticket
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ class Config:
     threads: int = 0               # torch CPU threads per process (0: torch's default)
     save_every: int = 0            # also keep checkpoints/epoch_<N>.pt every N epochs (0: never)
     resume: str = ""               # "", "auto" (the run directory's last.pt if present) or a checkpoint path
+    pretrained: str = ""           # start from this checkpoint's scores and weights (ours or the original code's)
     new_name: bool = False         # if the run directory holds a run: use <name>_2, <name>_3, ... (else an error)
     log_interval: int = 50         # TensorBoard scalars every N steps
     amp: str = "none"              # mixed precision on CUDA: none | bf16 | fp16

@@ -5,7 +5,7 @@
 #
 # Steps (each one prints what it does or why it is skipped):
 #   1. system packages (root + apt-get only): Open MPI, Slurm, munge, Fashion-MNIST
-#   2. the virtual environment, torch/torchvision, the package itself (editable, [dev,dali]), mpi4py
+#   2. the virtual environment, torch/torchvision, the package itself (editable, [dev,dali,onnx]), mpi4py
 #   3. Horovod, built from the 0.28.1 sdist (patched for C++17/20) against the venv's torch,
 #      cached as a wheel keyed by the Horovod AND torch versions, so a torch change rebuilds it
 #   4. `horovodrun --check-build` and a one-line summary
@@ -173,7 +173,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 3. the package + mpi4py
-step "3/5 biprop-hpc (editable, [dev,dali]) and mpi4py"
+step "3/5 biprop-hpc (editable, [dev,dali,onnx]) and mpi4py"
 if [[ -f $REPO_ROOT/setup.cfg || -f $REPO_ROOT/pyproject.toml || -f $REPO_ROOT/setup.py ]]; then
     # Skip pip when the metadata files are unchanged since the last editable install.
     stamp="$BIPROP_VENV/.biprop-editable.sha256"
@@ -182,13 +182,13 @@ if [[ -f $REPO_ROOT/setup.cfg || -f $REPO_ROOT/pyproject.toml || -f $REPO_ROOT/s
     if [[ -f $stamp && "$(cat "$stamp")" == "$want" && $(p biprop) != none ]]; then
         info "biprop-hpc $(p biprop) already installed in editable mode and its metadata is unchanged, skipping"
     else
-        info "pip install -e \"$REPO_ROOT[dev,dali]\""
-        "${PIP[@]}" install -e "$REPO_ROOT[dev,dali]"
+        info "pip install -e \"$REPO_ROOT[dev,dali,onnx]\""
+        "${PIP[@]}" install -e "$REPO_ROOT[dev,dali,onnx]"
         echo "$want" >"$stamp"
         CHANGED+=(biprop-hpc)
     fi
 else
-    info "no setup.cfg/pyproject.toml in $REPO_ROOT yet: skipping 'pip install -e .[dev,dali]'"
+    info "no setup.cfg/pyproject.toml in $REPO_ROOT yet: skipping 'pip install -e .[dev,dali,onnx]'"
 fi
 if [[ $(p mpi4py) != none ]]; then
     info "mpi4py $(p mpi4py) already installed, skipping"
@@ -361,6 +361,17 @@ fi
 
 # ---------------------------------------------------------------- 5. check + summary
 step "5/5 check"
+# The packed inference kernels (biprop_hpc/packed/csrc, a torch C++ extension for `biprop infer`): compiled once
+# per source and torch version into $BIPROP_CACHE/torch-extensions (local compiler, no network); later runs
+# only load them (a few seconds). A failure leaves training untouched: the first use retries and says why.
+if out="$(BIPROP_CACHE="$BIPROP_CACHE" "$PY" -c 'import logging; logging.disable(logging.WARNING)
+from biprop_hpc.packed import load_extension, supported_cpu_paths
+load_extension(); print(" ".join(supported_cpu_paths()))' 2>&1)"; then
+    info "packed inference kernels ready in $BIPROP_CACHE/torch-extensions (CPU paths here: $(tail -n 1 <<<"$out"))"
+else
+    warn "building the packed inference kernels failed (biprop infer --engine packed retries at first use):"
+    tail -n 20 <<<"$out" | sed 's/^/      | /' >&2
+fi
 HVDRUN="$BIPROP_VENV/bin/horovodrun"
 if [[ -x $HVDRUN ]]; then
     # The real check starts a process per framework and takes ~10 s; run it when Horovod changed

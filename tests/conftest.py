@@ -17,8 +17,7 @@ def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
         path.write_bytes(data)
 
 
-@pytest.fixture
-def tiny_idx_dir(tmp_path):
+def write_tiny_dataset(directory: Path) -> Path:
     """A generated 10-class IDX dataset (MNIST layout) of 8x8 images whose class is visible in the pixels."""
     rng = np.random.default_rng(0)
 
@@ -32,11 +31,27 @@ def tiny_idx_dir(tmp_path):
 
     train_images, train_labels = make(400)
     test_images, test_labels = make(100)
-    write_idx(tmp_path / "train-images-idx3-ubyte", train_images, compress=True)
-    write_idx(tmp_path / "train-labels-idx1-ubyte", train_labels, compress=False)
-    write_idx(tmp_path / "t10k-images-idx3-ubyte", test_images, compress=False)
-    write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_labels, compress=True)
-    return tmp_path
+    write_idx(directory / "train-images-idx3-ubyte", train_images, compress=True)
+    write_idx(directory / "train-labels-idx1-ubyte", train_labels, compress=False)
+    write_idx(directory / "t10k-images-idx3-ubyte", test_images, compress=False)
+    write_idx(directory / "t10k-labels-idx1-ubyte", test_labels, compress=True)
+    return directory
+
+
+@pytest.fixture
+def tiny_idx_dir(tmp_path):
+    return write_tiny_dataset(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real one-node Slurm cluster (slurm_cluster.py) for the tests of one module."""
+    from slurm_cluster import SlurmUnavailable, slurm_cluster
+    try:
+        with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus=4) as cluster:
+            yield cluster
+    except SlurmUnavailable as missing:
+        pytest.fail(str(missing))
 
 
 @pytest.fixture

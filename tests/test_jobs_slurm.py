@@ -9,27 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from biprop_hpc.archive import read_archive
 
-sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import SlurmUnavailable, slurm_cluster  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist" / "conv2_mpt1-32.yaml"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE")
 # Compared between an interrupted and an uninterrupted run (timings differ, of course).
 COMPARED = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus=4) as cluster:
-            yield cluster
-    except SlurmUnavailable as missing:
-        pytest.fail(str(missing))
 
 
 def small_run(data: Path, out: Path, train_subset: int, epochs: int) -> list[str]:

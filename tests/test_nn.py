@@ -313,8 +313,8 @@ def test_fixed_effective_weights_compute_once_and_are_dropped_on_exit(monkeypatc
     assert all(torch.equal(out, inside[0]) for out in inside)
     model[0].scores.data.copy_(torch.randn_like(model[0].scores))
     with torch.no_grad():
-        expected = F.conv2d(torch.relu(_reference_output(model[0], x)),
-                            reference_effective_weight(model[2].weight, model[2].scores, model[2].n_keep)[0], None, 1, 1)
+        second = reference_effective_weight(model[2].weight, model[2].scores, model[2].n_keep)[0]
+        expected = F.conv2d(torch.relu(_reference_output(model[0], x)), second, None, 1, 1)
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_idx
+from conftest import write_tiny_dataset
 from biprop_hpc.archive import SCHEMA_VERSION, read_archive, write_archive
 from biprop_hpc.archive.results import TABLE_COLUMNS, apply_filters, collect_runs, config_key_types, parse_filters
 from biprop_hpc.cli import main
@@ -29,27 +29,6 @@ REAL_COMPLETED = ["tiny/keep=0.5/seed0", "tiny/keep=0.5/seed1", "tiny/keep=0.25/
 REQUEUED = "tiny/keep=0.25/seed2"
 BROKEN = {"broken/keep=0.5/truncated": "truncated", "broken/keep=0.5/empty": "empty",
           "broken/keep=0.5/text": "not HDF5", "broken/keep=0.5/newer": "newer schema"}
-
-
-def tiny_dataset(directory: Path) -> Path:
-    """The tiny 10-class IDX dataset of conftest's tiny_idx_dir (8x8 images), here for a module-wide sweep."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 8, 8))
-        for i, label in enumerate(labels):
-            images[i, label % 8, :] = 250 if label < 8 else 120
-            images[i, :, label % 8] += 100 if label >= 8 else 0
-        return images.clip(0, 255), labels
-
-    train_images, train_labels = make(400)
-    test_images, test_labels = make(100)
-    write_idx(directory / "train-images-idx3-ubyte", train_images, compress=True)
-    write_idx(directory / "train-labels-idx1-ubyte", train_labels, compress=False)
-    write_idx(directory / "t10k-images-idx3-ubyte", test_images, compress=False)
-    write_idx(directory / "t10k-labels-idx1-ubyte", test_labels, compress=True)
-    return directory
 
 
 def real_run(out: Path, data: Path, **overrides) -> Path:
@@ -69,7 +48,7 @@ def iso(moment: datetime) -> str:
 def sweep(tmp_path_factory):
     """runs/: six completed real runs (two keep ratios, three seeds at 0.25, a dense one), one of them requeued
     twice; a run still running and one marked running whose heartbeat is two hours old; four broken files."""
-    data = tiny_dataset(tmp_path_factory.mktemp("data"))
+    data = write_tiny_dataset(tmp_path_factory.mktemp("data"))
     runs = tmp_path_factory.mktemp("sweep") / "runs"
     for keep, seeds in ((0.5, (0, 1, 3, 4)), (0.25, (0, 1, 2))):
         for seed in seeds:

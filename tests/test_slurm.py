@@ -3,23 +3,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import pytest
 
 from biprop_hpc.archive import read_archive
 
-sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import SlurmUnavailable, slurm_cluster  # noqa: E402
-
 RANKS = 2
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus=4) as cluster:
-            yield cluster
-    except SlurmUnavailable as missing:
-        pytest.fail(str(missing))
 
 
 def job_env(cluster) -> dict:

@@ -214,7 +214,8 @@ def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterru
     for name in ("epoch", "train_loss", "train_top1", "val_loss", "val_top1"):
         assert a.metrics[name] == b.metrics[name], name
     assert a.final == b.final
-    assert [(r["epoch"], r["step"], r["reason"]) for r in a.restarts] == [(stopped["epoch"], stopped["step"], "SIGUSR1")]
+    restarts = [(r["epoch"], r["step"], r["reason"]) for r in a.restarts]
+    assert restarts == [(stopped["epoch"], stopped["step"], "SIGUSR1")]
     final_a = load_checkpoint(archive.parent / "checkpoints/last.pt")["model"]
     final_b = load_checkpoint(archive.parent.parent / "whole/checkpoints/last.pt")["model"]
     assert all(torch.equal(final_a[name], final_b[name]) for name in final_a)
@@ -281,7 +282,8 @@ def test_archive_is_written_where_file_locking_is_unavailable(tmp_path):
     if compiler is None:
         pytest.fail("needs a C compiler to build the flock shim (apt-get install gcc)")
     source = tmp_path / "noflock.c"
-    source.write_text("#include <errno.h>\nint flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n")
+    source.write_text("#include <errno.h>\n"
+                      "int flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n")
     shim = tmp_path / "libnoflock.so"
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(source)], check=True)
     script = f"""

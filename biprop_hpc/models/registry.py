@@ -5,6 +5,7 @@ from typing import Callable
 from torch import nn
 
 from biprop_hpc.models.builder import LayerBuilder
+from biprop_hpc.nn.engine import attach_mask_engine
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -26,8 +27,9 @@ def build_model(name: str, builder: LayerBuilder, *, in_channels: int, num_class
         close = difflib.get_close_matches(name, MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](builder, in_channels=in_channels, num_classes=num_classes,
-                        image_size=image_size, width_mult=width_mult)
+    model = MODELS[name](builder, in_channels=in_channels, num_classes=num_classes,
+                         image_size=image_size, width_mult=width_mult)
+    return attach_mask_engine(model)  # all BIPROP layers' W_eff computed together at each forward
 
 
 def scaled(channels: int, width_mult: float) -> int:

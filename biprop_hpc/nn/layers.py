@@ -123,8 +123,10 @@ def binary_masked_weight(scores: torch.Tensor, weight: torch.Tensor, n_keep: int
 
 @torch.no_grad()
 def kept_mean_magnitude(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """alpha = sum(|W| * M) / n_keep, for a mask M of 0/1 (bool or weight's dtype)."""
-    return torch.dot(weight.abs().flatten(), mask.flatten().to(weight.dtype)) / n_keep
+    """alpha = sum(|W| * M) / n_keep, for a mask M of 0/1 (bool or weight's dtype), accumulated in float64 and
+    rounded to W's dtype: the summation order (CPU, GPU, one layer or all layers at once) then hardly matters."""
+    kept = weight.abs().mul_(mask.to(weight.dtype))
+    return (kept.sum(dtype=torch.float64) / n_keep).to(weight.dtype)
 
 
 class BipropMixin:
@@ -225,9 +227,15 @@ def fixed_effective_weights(model: nn.Module):
     a stale W_eff behind; inside the block the scores must not change, and no gradient reaches them.
     """
     layers = [layer for _, layer in biprop_layers(model)]
+    engine = getattr(model, "mask_engine", None)
     try:
-        for layer in layers:
-            layer._fixed_weight = binary_masked_weight(layer.scores, layer.weight, layer.n_keep)
+        if engine is not None:  # the model's own engine: all layers at once on a GPU
+            for layer, weight in zip(engine.layers, engine.effective_weights()):
+                layer._fixed_weight = weight
+            engine._owns = False
+        else:
+            for layer in layers:
+                layer._fixed_weight = binary_masked_weight(layer.scores, layer.weight, layer.n_keep)
         yield model
     finally:
         for layer in layers:

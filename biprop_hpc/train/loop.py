@@ -134,6 +134,9 @@ class Run:
         self.data = build_data(cfg, ctx.rank, ctx.size, self.device)
         torch.manual_seed(cfg.seed)  # the frozen weights and initial scores are a function of the seed
         model = model_from_config(cfg, self.data.in_channels, self.data.num_classes, self.data.image_size)
+        if cfg.pretrained and resume_path(cfg.resume, self.checkpoints) is None:  # a fresh run starts from it
+            from biprop_hpc.ticket.pretrained import load_pretrained
+            load_pretrained(model, cfg.pretrained, quiet=not self.is_root)
         if cfg.sync_batchnorm:
             model = ctx.sync_batchnorm(model)
         self.model = model.to(self.device)

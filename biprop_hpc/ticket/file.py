@@ -1,0 +1,281 @@
+"""The ticket file: a found Multi-Prize Ticket as an HDF5 file, everything inference needs and nothing more.
+
+A BIPROP layer of a found ticket computes with W_eff = sign(W) * alpha * M, values in {-alpha, 0, +alpha}. So a
+ticket stores, per BIPROP layer, the mask M as bits, the sign of every KEPT weight as bits, and alpha: about
+(1 + k) bits per weight at keep ratio k, plus the small float parts (BN statistics, learned BN affine
+parameters, dense first/last layers) as they are. Nothing is regenerated from a seed: torch's random streams
+are not promised to stay the same across versions, devices or GPU models.
+
+Schema, version 1 (`SCHEMA_VERSION`):
+
+  /              attributes: format ("biprop-ticket"), schema_version (1), config (JSON of the run's whole
+                 Config: model, width_mult, keep_ratio, first_layer, last_layer, learn_batchnorm, dataset, ...),
+                 model, keep_ratio, in_channels, num_classes, image_size (the input geometry, so that no dataset
+                 has to be read to build the network), source ("biprop-hpc checkpoint" or "original biprop
+                 checkpoint"), source_file (its name), source_bytes (its size), created (ISO 8601 UTC),
+                 biprop_weights (weights of all BIPROP layers), kept_weights (their kept count),
+                 binary_activation ("x >= 0 -> +1, x < 0 -> -1"), biprop_hpc_version, torch_version
+  /layers        compound table, one row per BIPROP layer in module order:
+                   name (the module's name in the model, e.g. "3.conv1"), kind ("conv2d" | "linear"),
+                   shape (int64[4]: out, in, kh, kw; a linear layer's is out, in, 1, 1), numel,
+                   kept (the layer's kept count, n_keep), nonzero (weights with W_eff != 0: kept, unless a kept
+                   W was exactly 0), alpha (float32, exactly the value W_eff holds), stride (int64[2]),
+                   padding (int64[2]), dilation (int64[2]), groups,
+                   mask_offset (first byte of the layer in /mask_bits), sign_offset (first byte in /sign_bits)
+  /mask_bits     uint8: per layer the flat (row-major) mask W_eff != 0, packed 8 per byte, most significant bit
+                 first (numpy.packbits), padded with 0 bits to a whole byte; layers one after the other
+  /sign_bits     uint8: per layer one bit per set mask bit, in flat order: 1 for +alpha, 0 for -alpha; packed
+                 and padded the same way
+  /tensors/KEY   every other entry of the network's state_dict, under its state_dict key, with its dtype and
+                 shape: BN running statistics and num_batches_tracked, learned BN affine parameters, dense
+                 first/last layers' weights
+
+/mask_bits and /sign_bits carry HDF5 Fletcher-32 checksums, so a damaged file is an error, not a wrong network.
+A layer's W_eff is rebuilt as zeros, then +alpha / -alpha at the set mask bits by their sign bits: bit for bit
+the W_eff the run evaluated with (a pruned weight is +0.0 here where sign(W) * alpha * 0 may give -0.0).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from biprop_hpc.files import replace_atomically
+
+FORMAT = "biprop-ticket"
+SCHEMA_VERSION = 1
+BINARY_ACTIVATION = "x >= 0 -> +1, x < 0 -> -1"
+KINDS = ("conv2d", "linear")
+LAYER_DTYPE = np.dtype([("name", h5py.string_dtype()), ("kind", h5py.string_dtype()), ("shape", np.int64, (4,)),
+                        ("numel", np.int64), ("kept", np.int64), ("nonzero", np.int64), ("alpha", np.float32),
+                        ("stride", np.int64, (2,)), ("padding", np.int64, (2,)), ("dilation", np.int64, (2,)),
+                        ("groups", np.int64), ("mask_offset", np.int64), ("sign_offset", np.int64)])
+CHUNK = 1 << 20  # bytes per chunk of the bit datasets (each chunk has its own checksum)
+
+
+class TicketError(ValueError):
+    """A file that is not a readable ticket of a schema this version knows, or a ticket that cannot be made;
+    the message says why and what to do."""
+
+
+@dataclass
+class LayerRecord:
+    """One BIPROP layer of a ticket: the raw contents (packed bits) and its geometry."""
+    name: str
+    kind: str                     # "conv2d" | "linear"
+    shape: tuple                  # the weight's shape: (out, in, kh, kw) or (out, in)
+    kept: int                     # n_keep of the layer's selection
+    alpha: np.float32
+    mask_bits: np.ndarray         # uint8, packed flat mask (numpy.packbits, big-endian bit order)
+    sign_bits: np.ndarray         # uint8, packed signs of the set mask bits, 1 = +alpha
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nonzero(self) -> int:
+        return int(np.unpackbits(self.mask_bits, count=self.numel).sum())
+
+    def mask(self) -> torch.Tensor:
+        """Boolean mask of the weight's shape: True where W_eff != 0."""
+        bits = np.unpackbits(self.mask_bits, count=self.numel).astype(bool)
+        return torch.from_numpy(bits).view(self.shape)
+
+    def signs(self) -> torch.Tensor:
+        """Boolean, one per set mask bit in flat order: True for +alpha, False for -alpha."""
+        count = self.nonzero
+        return torch.from_numpy(np.unpackbits(self.sign_bits, count=count).astype(bool))
+
+    def effective_weight(self, device="cpu") -> torch.Tensor:
+        """W_eff (float32): +alpha / -alpha at the set mask bits, +0.0 elsewhere."""
+        alpha = torch.tensor(float(self.alpha), dtype=torch.float32)
+        flat = torch.zeros(self.numel, dtype=torch.float32)
+        flat[self.mask().flatten()] = torch.where(self.signs(), alpha, -alpha)
+        return flat.view(self.shape).to(device)
+
+    @classmethod
+    def from_effective_weight(cls, name: str, weight: torch.Tensor, kept: int, **geometry) -> LayerRecord:
+        """The record of a layer whose W_eff is `weight` (values in {-alpha, 0, +alpha} for one alpha)."""
+        weight = weight.detach().to("cpu", torch.float32)
+        flat = weight.flatten()
+        mask = flat != 0
+        values = flat[mask]
+        if values.numel():
+            alpha = values.abs()[0]
+            if not bool((values.abs() == alpha).all()):
+                raise TicketError(f"layer {name}: its effective weight holds more than one magnitude, so it is not "
+                                  "a BIPROP layer's sign(W) * alpha * M")
+        else:
+            alpha = torch.tensor(0.0)
+        kind = "conv2d" if weight.dim() == 4 else "linear"
+        return cls(name, kind, tuple(weight.shape), int(kept), np.float32(alpha.item()),
+                   np.packbits(mask.numpy()), np.packbits((values > 0).numpy()), **geometry)
+
+
+@dataclass
+class Ticket:
+    """What a ticket file holds (see the module doc): `read(path)` returns one."""
+    config: dict                  # the Config as a dict
+    in_channels: int
+    num_classes: int
+    image_size: int
+    layers: list                  # LayerRecord per BIPROP layer, in module order
+    tensors: dict                 # state_dict key -> tensor, every entry not of a BIPROP layer
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def biprop_weights(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def kept_weights(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    def bit_bytes(self) -> int:
+        """Bytes of the packed mask and sign bits."""
+        return sum(layer.mask_bits.nbytes + layer.sign_bits.nbytes for layer in self.layers)
+
+    def state_dict(self, device="cpu") -> dict:
+        """The state_dict of the network with plain layers holding W_eff (what `load` builds and what
+        `biprop export --format torch` writes): the BIPROP layers' "<name>.weight" plus every other entry."""
+        state = {f"{layer.name}.weight": layer.effective_weight(device) for layer in self.layers}
+        state.update({key: value.to(device) for key, value in self.tensors.items()})
+        return state
+
+
+def _pairs(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def write_ticket(path: str | Path, ticket: Ticket) -> Path:
+    """Write `ticket` to `path` atomically (temporary file, fsync, rename): an error leaves nothing behind."""
+    for layer in ticket.layers:
+        if layer.kind not in KINDS:
+            raise TicketError(f"layer {layer.name}: kind {layer.kind!r} is not one of {KINDS}")
+
+    def write(tmp: Path) -> None:
+        # HDF5 1.10 file format (2016): smaller object headers than the 1.8 default; h5py >= 2.10 reads it.
+        with h5py.File(tmp, "w", locking=False, libver=("v110", "v110")) as h5:
+            h5.attrs["format"] = FORMAT
+            h5.attrs["schema_version"] = SCHEMA_VERSION
+            h5.attrs["config"] = json.dumps(ticket.config, sort_keys=True)
+            h5.attrs["model"] = ticket.config["model"]
+            h5.attrs["keep_ratio"] = float(ticket.config["keep_ratio"])
+            h5.attrs["in_channels"] = int(ticket.in_channels)
+            h5.attrs["num_classes"] = int(ticket.num_classes)
+            h5.attrs["image_size"] = int(ticket.image_size)
+            h5.attrs["biprop_weights"] = ticket.biprop_weights
+            h5.attrs["kept_weights"] = ticket.kept_weights
+            h5.attrs["binary_activation"] = BINARY_ACTIVATION
+            for key, value in ticket.attrs.items():
+                if key not in h5.attrs:
+                    h5.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses too
+            rows, mask_offset, sign_offset = [], 0, 0
+            for layer in ticket.layers:
+                shape = tuple(layer.shape) + (1,) * (4 - len(layer.shape))
+                rows.append((layer.name, layer.kind, shape, layer.numel, layer.kept, layer.nonzero, layer.alpha,
+                             _pairs(layer.stride), _pairs(layer.padding), _pairs(layer.dilation), layer.groups,
+                             mask_offset, sign_offset))
+                mask_offset += layer.mask_bits.size
+                sign_offset += layer.sign_bits.size
+            h5.create_dataset("layers", data=np.array(rows, dtype=LAYER_DTYPE))
+            for name, parts in (("mask_bits", [layer.mask_bits for layer in ticket.layers]),
+                                ("sign_bits", [layer.sign_bits for layer in ticket.layers])):
+                data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+                # HDF5 allocates whole chunks: equal chunks of at most CHUNK bytes waste at most a few bytes
+                chunk = -(-max(data.size, 1) // -(-max(data.size, 1) // CHUNK))
+                h5.create_dataset(name, data=data, chunks=(chunk,), fletcher32=True)
+            tensors = h5.create_group("tensors")
+            for key, value in ticket.tensors.items():
+                tensors.create_dataset(key, data=value.detach().cpu().numpy())
+
+    return replace_atomically(path, write)
+
+
+def read(path: str | Path) -> Ticket:
+    """Read a ticket file; TicketError (a ValueError) for anything that is not a complete ticket this version
+    of biprop-hpc reads, FileNotFoundError when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ticket {path} does not exist (write one with `biprop export --checkpoint "
+                                "RUN/checkpoints/best.pt --out TICKET`)")
+    try:
+        h5 = h5py.File(path, "r", locking=False)
+    except OSError as error:
+        raise TicketError(f"{path} is not a readable ticket: not an HDF5 file, or truncated ({error}); "
+                          "export it again") from None
+    try:
+        with h5:
+            return _read_open(path, h5)
+    except TicketError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as error:
+        raise TicketError(f"{path} is not a complete ticket ({type(error).__name__}: {error}); "
+                          "export it again") from None
+
+
+def _read_open(path: Path, h5: h5py.File) -> Ticket:
+    if h5.attrs.get("format") != FORMAT:
+        raise TicketError(f"{path} is an HDF5 file but not a biprop ticket (no format={FORMAT!r} attribute); "
+                          "a run's archive.h5 is not a ticket: write one with `biprop export`")
+    version = int(h5.attrs.get("schema_version", -1))
+    if version > SCHEMA_VERSION:
+        raise TicketError(f"{path} is a ticket of schema version {version}, newer than this biprop-hpc reads "
+                          f"(up to {SCHEMA_VERSION}); upgrade biprop-hpc to read it")
+    if version < 1:
+        raise TicketError(f"{path}: schema_version {version} is not a valid ticket schema version")
+    attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+    config = json.loads(attrs["config"])
+    table = h5["layers"][()]
+    mask_bits = h5["mask_bits"][()]      # the checksums are verified here
+    sign_bits = h5["sign_bits"][()]
+    layers, mask_end, sign_end = [], 0, 0
+    for row in table:
+        name = row["name"].decode() if isinstance(row["name"], bytes) else str(row["name"])
+        kind = row["kind"].decode() if isinstance(row["kind"], bytes) else str(row["kind"])
+        if kind not in KINDS:
+            raise TicketError(f"{path}: layer {name} has kind {kind!r}, not one of {KINDS}")
+        shape = tuple(int(v) for v in row["shape"])
+        shape = shape if kind == "conv2d" else shape[:2]
+        numel, nonzero = int(row["numel"]), int(row["nonzero"])
+        if int(np.prod(shape)) != numel:
+            raise TicketError(f"{path}: layer {name}: shape {shape} does not hold {numel} weights")
+        mask_start, sign_start = int(row["mask_offset"]), int(row["sign_offset"])
+        mask_end, sign_end = mask_start + (numel + 7) // 8, sign_start + (nonzero + 7) // 8
+        if mask_end > mask_bits.size or sign_end > sign_bits.size:
+            raise TicketError(f"{path}: layer {name}: its bits lie beyond the end of /mask_bits or /sign_bits "
+                              "(a truncated or damaged ticket); export it again")
+        layer = LayerRecord(name, kind, shape, int(row["kept"]), np.float32(row["alpha"]),
+                            mask_bits[mask_start:mask_end], sign_bits[sign_start:sign_end],
+                            tuple(int(v) for v in row["stride"]), tuple(int(v) for v in row["padding"]),
+                            tuple(int(v) for v in row["dilation"]), int(row["groups"]))
+        if layer.nonzero != nonzero:
+            raise TicketError(f"{path}: layer {name}: {layer.nonzero} mask bits are set but the table says "
+                              f"{nonzero} (a damaged ticket); export it again")
+        layers.append(layer)
+    if mask_end != mask_bits.size or sign_end != sign_bits.size:
+        raise TicketError(f"{path}: /mask_bits or /sign_bits holds more bytes than its layers (a damaged "
+                          "ticket); export it again")
+    tensors = {}
+    if "tensors" in h5:
+        for key, dataset in h5["tensors"].items():
+            tensors[key] = torch.from_numpy(np.array(dataset[()]))
+    return Ticket(config, int(attrs["in_channels"]), int(attrs["num_classes"]), int(attrs["image_size"]),
+                  layers, tensors, attrs)
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
