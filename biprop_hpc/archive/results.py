@@ -328,11 +328,14 @@ def apply_filters(rows: list[RunRow], filters: dict) -> list[RunRow]:
 
 
 def varying_keys(rows: list[RunRow], ignore: tuple = IGNORED_BY_AUTO) -> list[str]:
-    """Config keys whose value differs between the readable runs, in the config's order."""
+    """Config keys whose value differs between the readable runs that have the key, in the config's order.
+
+    A key missing from some runs' configs (archives written before the key existed) does not vary by that
+    alone: those runs are taken to have the value all the others share."""
     configs = [row.settings for row in rows if row.settings]
     keys = list(dict.fromkeys(key for config in configs for key in config))
     return [key for key in keys if key not in ignore
-            and len({_hashable(config.get(key)) for config in configs}) > 1]
+            and len({_hashable(config[key]) for config in configs if key in config}) > 1]
 
 
 def _hashable(value):
