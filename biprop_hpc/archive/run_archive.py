@@ -87,19 +87,19 @@ def read_archive(path: str | Path) -> RunRecord:
     """
     try:
         with h5py.File(path, "r", locking=False) as h5:
-            version = _plain(h5.attrs.get("schema_version", 0))
+            version = plain_value(h5.attrs.get("schema_version", 0))
             if not isinstance(version, int) or version < 1:
                 raise ArchiveError(f"{path}: not a biprop-hpc run archive (no schema_version)")
             if version > SCHEMA_VERSION:
                 raise ArchiveError(f"{path}: archive schema {version} is newer than this biprop-hpc reads "
                                    f"({SCHEMA_VERSION}); upgrade biprop-hpc")
-            attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+            attrs = {key: plain_value(value) for key, value in h5.attrs.items()}
             metrics = {name: h5["metrics"][name][()].tolist() for name in h5["metrics"]}
-            final = {key: _plain(value) for key, value in h5["final"].attrs.items()}
-            layers = [{"name": _plain(row["name"]), "weights": int(row["weights"]), "kept": int(row["kept"]),
+            final = {key: plain_value(value) for key, value in h5["final"].attrs.items()}
+            layers = [{"name": plain_value(row["name"]), "weights": int(row["weights"]), "kept": int(row["kept"]),
                        "alpha": float(row["alpha"])} for row in h5["layers"][()]]
-            restarts = [{"time": _plain(row["time"]), "epoch": int(row["epoch"]), "step": int(row["step"]),
-                         "reason": _plain(row["reason"])}
+            restarts = [{"time": plain_value(row["time"]), "epoch": int(row["epoch"]), "step": int(row["step"]),
+                         "reason": plain_value(row["reason"])}
                         for row in (h5["restarts"][()] if "restarts" in h5 else [])]
     except ArchiveError:
         raise
@@ -108,8 +108,8 @@ def read_archive(path: str | Path) -> RunRecord:
     return RunRecord(attrs, metrics, final, layers, restarts)
 
 
-def _plain(value):
-    """HDF5 attribute -> plain Python value."""
+def plain_value(value):
+    """HDF5 attribute (or string/scalar dataset element) -> plain Python value."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):

@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 import torch
 
+from biprop_hpc.archive.run_archive import plain_value
 from biprop_hpc.files import replace_atomically
 
 FORMAT = "biprop-ticket"
@@ -233,7 +234,7 @@ def _read_open(path: Path, h5: h5py.File) -> Ticket:
                           f"(up to {SCHEMA_VERSION}); upgrade biprop-hpc to read it")
     if version < 1:
         raise TicketError(f"{path}: schema_version {version} is not a valid ticket schema version")
-    attrs = {key: _plain(value) for key, value in h5.attrs.items()}
+    attrs = {key: plain_value(value) for key, value in h5.attrs.items()}
     config = json.loads(attrs["config"])
     table = h5["layers"][()]
     mask_bits = h5["mask_bits"][()]      # the checksums are verified here
@@ -271,11 +272,3 @@ def _read_open(path: Path, h5: h5py.File) -> Ticket:
             tensors[key] = torch.from_numpy(np.array(dataset[()]))
     return Ticket(config, int(attrs["in_channels"]), int(attrs["num_classes"]), int(attrs["image_size"]),
                   layers, tensors, attrs)
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
