@@ -136,20 +136,22 @@ def test_two_rank_bn_run_reports_what_its_saved_best_model_scores(tmp_path, tiny
 
 
 def test_sync_batchnorm_two_ranks_equal_one_process_on_the_union(tmp_path, tiny_idx_dir):
-    """With sync_batchnorm, BN normalises with the global batch's statistics: two ranks with batch b train,
-    validate and save what one process with batch 2b does (to float tolerance). A ResNet (BN, ReLU): with sign
-    activations, a rounding difference can flip a sign and grow over a run."""
-    resnet = (*BN_RELU_MODEL, "sync_batchnorm=true")
-    worker("single", 1, "train", tmp_path / "one", tiny_idx_dir, *resnet, "batch_size=32")
-    worker("mpirun", 2, "train", tmp_path / "two", tiny_idx_dir, *resnet, "batch_size=16")
+    """With sync_batchnorm, BN normalises with the global batch's statistics: a training step of two ranks with
+    batch b computes what one process with batch 2b does. Compared on a run of ONE step (32 training images,
+    128 held out): scores, BN running statistics and validation metrics equal to float tolerance. (Over many steps
+    BIPROP's top-k, a discontinuous function, turns a last-bit difference in a score at a layer's threshold into a
+    swapped mask bit, and such swaps grow; so longer runs are not compared this way.)"""
+    one_step = (*BN_RELU_MODEL, "sync_batchnorm=true", "epochs=1", "train_subset=160", "val_fraction=0.8")
+    worker("single", 1, "train", tmp_path / "one", tiny_idx_dir, *one_step, "batch_size=32")
+    worker("mpirun", 2, "train", tmp_path / "two", tiny_idx_dir, *one_step, "batch_size=16")
     single, (rank0, rank1) = models(tmp_path / "one", 1)[0], models(tmp_path / "two", 2)
     assert_same_models(rank0, rank1)
     assert any("running_mean" in name for name in single)
-    assert_same_models(rank0, single, rtol=1e-4, atol=1e-5)
+    assert_same_models(rank0, single, rtol=1e-4, atol=1e-6)
     one = read_archive(next((tmp_path / "one").rglob("archive.h5")))
     two = read_archive(next((tmp_path / "two").rglob("archive.h5")))
-    for name in ("train_loss", "val_loss", "val_top1", "train_top1"):
-        assert two.metrics[name] == pytest.approx(one.metrics[name], rel=1e-4, abs=1e-4), name
+    for name in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
+        assert two.metrics[name] == pytest.approx(one.metrics[name], rel=1e-5, abs=1e-6), name
     assert two.final["test_top1"] == one.final["test_top1"]
 
 
