@@ -300,13 +300,13 @@ def test_eval_output_follows_writes_that_do_not_bump_the_version():
 
 
 def test_fixed_effective_weights_compute_once_and_are_dropped_on_exit(monkeypatch):
+    from biprop_hpc.nn import engine as engine_module
     from biprop_hpc.nn import fixed_effective_weights
-    from biprop_hpc.nn import layers as layers_module
     model = nn.Sequential(make_conv(0.4), nn.ReLU(), make_conv(0.4, seed=1, cin=8)).eval()
     x = torch.randn(2, 6, 6, 6)
     calls = []
-    original = layers_module.binary_masked_weight
-    monkeypatch.setattr(layers_module, "binary_masked_weight", lambda *a: calls.append(1) or original(*a))
+    original = engine_module.binary_masked_weight
+    monkeypatch.setattr(engine_module, "binary_masked_weight", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad(), fixed_effective_weights(model):
         inside = [model(x) for _ in range(3)]
     assert len(calls) == 2   # once per layer, not once per forward

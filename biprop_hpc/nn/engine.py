@@ -21,6 +21,8 @@ layer, so that gradients reach Horovod's hooks layer by layer during backward.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -116,7 +118,8 @@ class MaskEngine:
         self.layers = [m for m in model.modules() if isinstance(m, BipropMixin)]
         self.method = method         # auto: layerwise (measured faster; see the module docstring)
         self._segments: dict = {}
-        self._owns = False           # the layers' current weights were set by this engine
+        self._n_keep_cache: tuple = (None, None)   # (device, kept counts) -> the counts on that device
+        self._owns = False           # the layers' current weights were set by this engine for one forward
 
     # --- computing ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,9 +156,9 @@ class MaskEngine:
     def _n_keep(self, device: torch.device) -> torch.Tensor:
         counts = tuple(l.n_keep for l in self.layers)     # keep ratios may change between forwards
         key = (device, counts)
-        if getattr(self, "_n_keep_key", None) != key:
-            self._n_keep_key, self._n_keep_value = key, torch.tensor(counts, dtype=torch.int64).to(device)
-        return self._n_keep_value
+        if self._n_keep_cache[0] != key:
+            self._n_keep_cache = (key, torch.tensor(counts, dtype=torch.int64).to(device))
+        return self._n_keep_cache[1]
 
     # --- hooks ----------------------------------------------------------------------------------------------
     def before_forward(self, module, args) -> None:
@@ -174,6 +177,26 @@ class MaskEngine:
             for layer in self.layers:
                 layer._fixed_weight = None
             self._owns = False
+
+
+@contextlib.contextmanager
+def fixed_effective_weights(model: nn.Module):
+    """Compute every BIPROP layer's W_eff once, on entry, and use it for every forward inside the block.
+
+    For evaluation: masks are not recomputed per batch. Nothing is cached beyond the block, so no write to
+    the scores or weights (an optimizer step, a load_state_dict, a collective writing in place) can leave
+    a stale W_eff behind; inside the block the scores must not change, and no gradient reaches them.
+    The model's own engine computes them (a model without one, e.g. hand-built, gets a temporary one).
+    """
+    engine = getattr(model, "mask_engine", None) or MaskEngine(model)
+    try:
+        for layer, weight in zip(engine.layers, engine.effective_weights()):
+            layer._fixed_weight = weight
+        engine._owns = False     # set from outside: the engine's hooks leave them alone in the block
+        yield model
+    finally:
+        for layer in engine.layers:
+            layer._fixed_weight = None
 
 
 def attach_mask_engine(model: nn.Module) -> nn.Module:

@@ -12,7 +12,6 @@ floating-point error); it is >= 1 for every k in (0, 1].
 Ties in |S| at the threshold are broken towards the lower flat index, so the mask is deterministic.
 The mask is found by selection (kthvalue), never by sorting the whole tensor.
 """
-import contextlib
 import math
 from fractions import Fraction
 
@@ -216,30 +215,6 @@ class BinaryActivation(nn.Module):
 
     def forward(self, x):
         return _SignBiReal.apply(x)
-
-
-@contextlib.contextmanager
-def fixed_effective_weights(model: nn.Module):
-    """Compute every BIPROP layer's W_eff once, on entry, and use it for every forward inside the block.
-
-    For evaluation: masks are not recomputed per batch. Nothing is cached beyond the block, so no write to
-    the scores or weights (an optimizer step, a load_state_dict, a collective writing in place) can leave
-    a stale W_eff behind; inside the block the scores must not change, and no gradient reaches them.
-    """
-    layers = [layer for _, layer in biprop_layers(model)]
-    engine = getattr(model, "mask_engine", None)
-    try:
-        if engine is not None:  # the model's own engine: all layers at once on a GPU
-            for layer, weight in zip(engine.layers, engine.effective_weights()):
-                layer._fixed_weight = weight
-            engine._owns = False
-        else:
-            for layer in layers:
-                layer._fixed_weight = binary_masked_weight(layer.scores, layer.weight, layer.n_keep)
-        yield model
-    finally:
-        for layer in layers:
-            layer._fixed_weight = None
 
 
 def biprop_layers(model: nn.Module):
