@@ -204,6 +204,16 @@ def attach_mask_engine(model: nn.Module) -> nn.Module:
     if getattr(model, "mask_engine", None) is None and any(isinstance(m, BipropMixin) for m in model.modules()):
         engine = MaskEngine(model)
         model.mask_engine = engine
-        model.register_forward_pre_hook(engine.before_forward)
-        model.register_forward_hook(engine.after_forward)
+        engine.hooks = (model.register_forward_pre_hook(engine.before_forward),
+                        model.register_forward_hook(engine.after_forward))
+    return model
+
+
+def detach_mask_engine(model: nn.Module) -> nn.Module:
+    """Remove `model`'s MaskEngine and its hooks (e.g. once its BIPROP layers have been replaced)."""
+    engine = getattr(model, "mask_engine", None)
+    if engine is not None:
+        for handle in engine.hooks:
+            handle.remove()
+        model.mask_engine = None
     return model

@@ -17,7 +17,7 @@ from torch import nn
 
 import biprop_hpc
 from biprop_hpc.config import Config
-from biprop_hpc.nn import BipropMixin, biprop_layers
+from biprop_hpc.nn import BipropMixin, biprop_layers, detach_mask_engine
 from biprop_hpc.nn.layers import binary_masked_weight
 from biprop_hpc.ticket.file import LayerRecord, Ticket, TicketError, read, write_ticket
 from biprop_hpc.train.checkpoint import load_checkpoint
@@ -39,18 +39,6 @@ def plain_like(layer: nn.Module) -> nn.Module:
     return nn.Linear(layer.in_features, layer.out_features, bias=False, device=device)
 
 
-def _detach_mask_engine(model: nn.Module) -> None:
-    """Remove a model's mask engine (the forward hooks that compute W_eff of all BIPROP layers) if it has one."""
-    engine = getattr(model, "mask_engine", None)
-    if engine is None:
-        return
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "__self__", None) is engine:
-                del hooks[key]
-    model.mask_engine = None
-
-
 def _replace(model: nn.Module, weight_of) -> nn.Module:
     for name, layer in biprop_layers(model):
         plain = plain_like(layer)
@@ -59,7 +47,7 @@ def _replace(model: nn.Module, weight_of) -> nn.Module:
             plain.weight = nn.Parameter(weight.to(plain.weight.device), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
-    _detach_mask_engine(model)
+    detach_mask_engine(model)
     return model
 
 
