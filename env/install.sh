@@ -361,15 +361,17 @@ fi
 
 # ---------------------------------------------------------------- 5. check + summary
 step "5/5 check"
-# The packed inference kernels (biprop_hpc/packed/csrc, a torch C++ extension for `biprop infer`): compiled once
-# per source and torch version into $BIPROP_CACHE/torch-extensions (local compiler, no network); later runs
-# only load them (a few seconds). A failure leaves training untouched: the first use retries and says why.
+# The C++ kernels (biprop_hpc/extensions.py: the CPU masks of the BIPROP layers, biprop_hpc/nn/csrc, and the
+# packed inference of `biprop infer`, biprop_hpc/packed/csrc): compiled once per source and torch version into
+# $BIPROP_CACHE/torch-extensions (local compiler, no network); later runs only load them (a few seconds).
+# A failure leaves training working: the masks fall back to torch code, and the first use retries and says why.
 if out="$(BIPROP_CACHE="$BIPROP_CACHE" "$PY" -c 'import logging; logging.disable(logging.WARNING)
+from biprop_hpc.extensions import MASKS
 from biprop_hpc.packed import load_extension, supported_cpu_paths
-load_extension(); print(" ".join(supported_cpu_paths()))' 2>&1)"; then
-    info "packed inference kernels ready in $BIPROP_CACHE/torch-extensions (CPU paths here: $(tail -n 1 <<<"$out"))"
+MASKS.load(); load_extension(); print(" ".join(supported_cpu_paths()))' 2>&1)"; then
+    info "C++ kernels ready in $BIPROP_CACHE/torch-extensions (packed CPU paths here: $(tail -n 1 <<<"$out"))"
 else
-    warn "building the packed inference kernels failed (biprop infer --engine packed retries at first use):"
+    warn "building the C++ kernels failed (the CPU masks use torch code; biprop infer --engine packed retries):"
     tail -n 20 <<<"$out" | sed 's/^/      | /' >&2
 fi
 HVDRUN="$BIPROP_VENV/bin/horovodrun"

@@ -424,10 +424,11 @@ def test_biprop_infer_from_a_checkpoint_with_avx2_forced(trained_conv4_bin, tmp_
 
 def test_the_extension_builds_without_ninja_into_its_cache(tmp_path):
     """The build env/install.sh runs, the way taken where ninja is missing: a direct compiler call."""
-    code = ("from biprop_hpc.packed import load_extension, cpu_path, _ext\n"
+    code = ("from biprop_hpc.packed import load_extension, cpu_path\n"
+            "from biprop_hpc.extensions import PACKED\n"
             "load_extension()\n"
-            "print(cpu_path(), (_ext.cache_dir() / _ext.build_name() / (_ext.build_name() + '.so')).is_file())\n")
-    out = run_python(code, {"BIPROP_CACHE": str(tmp_path), "BIPROP_PACKED_BUILD": "direct"})
+            "print(cpu_path(), PACKED.library_path().is_file())\n")
+    out = run_python(code, {"BIPROP_CACHE": str(tmp_path), "BIPROP_EXTENSION_BUILD": "direct"})
     assert out.split() == [supported_cpu_paths()[0], "True"]
     assert str(tmp_path) in str(next(tmp_path.glob("torch-extensions/biprop_packed_*/*.so")))
 

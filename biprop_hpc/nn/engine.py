@@ -26,7 +26,7 @@ import contextlib
 import torch
 from torch import nn
 
-from biprop_hpc.nn.layers import BipropMixin, binary_masked_weight
+from biprop_hpc.nn.layers import BipropMixin, binary_masked_weight, score_gradient
 
 RADIX_BITS = 16
 BUCKETS = 1 << RADIX_BITS
@@ -43,7 +43,7 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         scores, weight = ctx.saved_tensors
-        return torch.sign(scores).mul_(weight).mul_(grad_output), None, None
+        return score_gradient(grad_output, scores, weight), None, None
 
 
 class _Segments:

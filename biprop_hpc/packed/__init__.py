@@ -10,14 +10,14 @@ conv/linear layers as XOR/AND-popcount integer arithmetic (C++ kernels: csrc/pac
 - `cpu_path()`, `set_cpu_path(name)`, `supported_cpu_paths()`, `forced_cpu_path(name)`: the kernel path
   ("avx512": AVX-512 VPOPCNTDQ, "avx2", "scalar": portable), chosen at run time from the CPU's features;
   BIPROP_PACKED_CPU=avx2 (say) forces one for a whole process.
-- `load_extension()`: build (once, cached) and load the C++ kernels; the first call of anything above does it.
+- `load_extension()`: build (once, cached; biprop_hpc.extensions) and load the C++ kernels; the first call of
+  anything above does it.
 """
 from __future__ import annotations
 
 import contextlib
 
-from biprop_hpc.packed._ext import load as load_extension
-from biprop_hpc.packed._ext import ops
+from biprop_hpc.extensions import PACKED
 from biprop_hpc.packed.convert import (
     PackedNetwork,
     binary_inputs,
@@ -30,18 +30,22 @@ from biprop_hpc.packed.layers import PackedBits, PackedConv, pack_sign
 
 def cpu_path() -> str:
     """The kernel path in use: 'avx512', 'avx2' or 'scalar'."""
-    return ops().get_cpu_path()
+    return PACKED.ops().get_cpu_path()
 
 
 def set_cpu_path(name: str) -> str:
     """Use kernel path `name` ('auto' = the best this CPU supports); returns the previous one. Raises if
     this CPU cannot run it."""
-    return ops().set_cpu_path(name)
+    return PACKED.ops().set_cpu_path(name)
 
 
 def supported_cpu_paths() -> list[str]:
     """The kernel paths this CPU can run, best first."""
-    return list(ops().supported_cpu_paths())
+    return list(PACKED.ops().supported_cpu_paths())
+
+
+def load_extension(verbose: bool = False):
+    return PACKED.load(verbose)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from biprop_hpc.packed._ext import ops
+from biprop_hpc.extensions import PACKED
 
 OB = 16                 # output channels per weight block (the kernel's unit)
 INT16_MIN, INT16_MAX = -(2 ** 15), 2 ** 15 - 1
@@ -48,13 +48,13 @@ class PackedBits:
 
     def unpack(self) -> torch.Tensor:
         """The float +-1 tensor the float model holds here: [N, C, H, W] (NCHW), or [N, C] if flat."""
-        out = ops().unpack_bits(self.words, self.channels)
+        out = PACKED.ops().unpack_bits(self.words, self.channels)
         return out.view(out.shape[0], -1) if self.flat else out
 
 
 def pack_sign(x: torch.Tensor) -> PackedBits:
     """BinaryActivation (x >= 0 -> +1, else -1) of a float tensor [N, C, H, W] or [N, C], packed."""
-    return PackedBits(ops().pack_sign(x), x.shape[1], flat=x.dim() == 2)
+    return PackedBits(PACKED.ops().pack_sign(x), x.shape[1], flat=x.dim() == 2)
 
 
 # ---------------------------------------------------------------- ternary weights
@@ -320,7 +320,7 @@ class PackedConv(nn.Module):
             words = words.reshape(words.shape[0], 1, 1, -1)
         btab, cls_y, cls_x, ncx = self.tables(words.shape[1], words.shape[2])
         w = self.weights
-        out = ops().binary_conv(words, w.mask_panel, w.sign_stream, w.offsets, self.out_channels,
+        out = PACKED.ops().binary_conv(words, w.mask_panel, w.sign_stream, w.offsets, self.out_channels,
                                 list(self.geometry), btab, cls_y, cls_x, ncx, MODES[mode], self.alpha,
                                 self.thresholds, None if residual is None else residual.words)
         if mode == "bits":
@@ -349,7 +349,7 @@ class BitMaxPool(nn.Module):
         self.register_buffer("and_words", and_words)
 
     def forward(self, x: PackedBits) -> PackedBits:
-        return PackedBits(ops().bit_maxpool(x.words, self.and_words, self.geometry), x.channels, x.flat)
+        return PackedBits(PACKED.ops().bit_maxpool(x.words, self.and_words, self.geometry), x.channels, x.flat)
 
 
 class SignPack(nn.Module):
@@ -418,7 +418,7 @@ class ThresholdPack(nn.Module):
     def forward(self, x):
         if isinstance(x, PackedBits):
             x = x.unpack()
-        return PackedBits(ops().pack_threshold(x, self.lo, self.hi), x.shape[1], flat=x.dim() == 2)
+        return PackedBits(PACKED.ops().pack_threshold(x, self.lo, self.hi), x.shape[1], flat=x.dim() == 2)
 
 
 class TernaryFloat(nn.Module):
@@ -447,7 +447,7 @@ class TernaryFloat(nn.Module):
 
     def weight(self) -> torch.Tensor:
         numel = int(np.prod(self.shape))
-        return ops().expand_ternary(self.mask_bytes, self.sign_bytes, numel, self.alpha).view(self.shape)
+        return PACKED.ops().expand_ternary(self.mask_bytes, self.sign_bytes, numel, self.alpha).view(self.shape)
 
     def forward(self, x):
         if isinstance(x, PackedBits):

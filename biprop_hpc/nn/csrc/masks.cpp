@@ -1,0 +1,300 @@
+// CPU kernels of the BIPROP layers (biprop_hpc.nn.kernels): the effective weight and its score gradient,
+// each in a fixed, small number of passes over the layer and one output allocation.
+//
+//   effective_weight(S, W, n_keep) = sign(W) * alpha * M      (M: the n_keep largest |S|, ties to the lower
+//                                                               flat index; alpha = sum(|W| M) / n_keep)
+//   score_gradient(G, S, W)        = G * W * sign(S)
+//
+// Selection works on the bits of |S|: non-negative floats order like their bit patterns as unsigned integers
+// (NaN above +inf), so every comparison is an integer one and the order is total. A strided sample of 8192
+// keys brackets the threshold between two sample keys lo <= hi (4 standard deviations of the sample rank
+// either side). Pass 1 over the layer, in fixed chunks: sum |W| over keys > hi (kept for sure), count keys
+// < lo, and collect the band lo <= key <= hi with its flat indices (in index order, a few % of the layer).
+// The threshold is the right order statistic of the band (nth_element); ties at it are kept in the band's
+// index order until n_keep is reached, so the last kept tie's index decides every tie; alpha adds the |W| of
+// the kept band entries. Pass 2 writes W_eff. If the band misses the threshold (an unlucky sample) the band
+// is the whole layer, so the result is always exact. Small layers take that way directly.
+//
+// Deterministic whatever the thread count: chunks have a fixed size, and partial sums (float64) are added in
+// chunk order. Float and double; other dtypes use the torch path in layers.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+constexpr i64 kChunk = 1 << 16;
+constexpr i64 kSample = 8192;
+constexpr int kLanes = 8;
+
+template <typename T>
+using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+template <typename T>
+inline Key<T> magnitude_key(T value) {
+  Key<T> bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  return bits & (std::numeric_limits<Key<T>>::max() >> 1);  // clear the sign bit: the bits of |value|
+}
+
+
+template <typename T>
+inline Key<T> bits_of(T value) {
+  Key<T> bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+template <typename T>
+inline T from_bits(Key<T> bits) {
+  T value;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+template <typename T>
+inline Key<T> all_if(bool condition) {   // all ones if condition else 0: a select without a branch
+  return Key<T>(0) - Key<T>(condition);
+}
+
+template <typename T>
+constexpr Key<T> kSignBit = Key<T>(1) << (8 * sizeof(T) - 1);
+
+// The hot loops, compiled twice (AVX2 and baseline x86-64, chosen when the library loads) and written in
+// integer selects, without branches on the keys (which are random), so that they vectorise. Sums run in
+// kLanes independent float64 accumulators: the same order of additions on every machine and thread count.
+
+// Over n entries: sum of |W| where key > hi, and the count of keys < lo.
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+void sums_outside_band(const T* s, const T* w, i64 n, Key<T> lo, Key<T> hi, double& sum_above, i64& count_below) {
+  double sum[kLanes] = {};
+  i64 count[kLanes] = {};
+  for (i64 i = 0; i < n; i += kLanes) {
+    for (int l = 0; l < kLanes && i + l < n; ++l) {
+      const Key<T> key = magnitude_key(s[i + l]);
+      sum[l] += static_cast<double>(from_bits<T>(bits_of(w[i + l]) & ~kSignBit<T> & all_if<T>(key > hi)));
+      count[l] += key < lo;
+    }
+  }
+  sum_above = 0.0;
+  count_below = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    sum_above += sum[l];
+    count_below += count[l];
+  }
+}
+
+// out = sign(W) * alpha * (key >= threshold): +-alpha where kept and W != 0, else 0 signed as W (as torch's
+// sign(W).mul_(alpha).mul_(M) leaves it).
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+void write_kept(const T* __restrict s, const T* __restrict w, T* __restrict out, i64 n, Key<T> threshold, T alpha) {
+  const Key<T> alpha_bits = bits_of(alpha);
+  for (i64 i = 0; i < n; ++i) {
+    const Key<T> weight = bits_of(w[i]);
+    const Key<T> kept = all_if<T>(magnitude_key(s[i]) >= threshold) & all_if<T>((weight & ~kSignBit<T>) != 0);
+    out[i] = from_bits<T>((weight & kSignBit<T>) | (alpha_bits & kept));
+  }
+}
+
+// out = sign(S) * W * G: W * G with S's sign, 0 where S is 0.
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+void write_score_gradient(const T* __restrict g, const T* __restrict s, const T* __restrict w, T* __restrict out,
+                          i64 n) {
+  for (i64 i = 0; i < n; ++i) {
+    const Key<T> score = bits_of(s[i]);
+    const Key<T> product = bits_of(w[i] * g[i]);
+    out[i] = from_bits<T>((product ^ (score & kSignBit<T>)) & all_if<T>((score & ~kSignBit<T>) != 0));
+  }
+}
+
+template <typename T>
+struct Selection {
+  Key<T> threshold;      // the n_keep-th largest key
+  i64 last_tie;          // ties at the threshold with a flat index <= last_tie are kept, those after it not
+  bool dropped_ties;     // whether there are ties after last_tie (rare: scores rarely tie)
+  double alpha;
+};
+
+// Buffers of the selection, kept per thread from call to call: allocating them anew each time costs more in
+// page faults than the selection itself (fresh pages of large allocations are faulted in one by one).
+template <typename T>
+struct Scratch {
+  std::vector<double> sure_sum;
+  std::vector<i64> below;
+  std::vector<std::vector<i64>> band;   // per chunk: flat indices of the band's entries, in order
+  std::vector<Key<T>> order;
+
+  static Scratch& of_this_thread() {
+    thread_local Scratch scratch;
+    return scratch;
+  }
+};
+
+template <typename T>
+bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T> hi, Selection<T>& out) {
+  const i64 chunks = (n + kChunk - 1) / kChunk;
+  Scratch<T>& scratch = Scratch<T>::of_this_thread();
+  scratch.sure_sum.assign(chunks, 0.0);
+  scratch.below.assign(chunks, 0);
+  if (static_cast<i64>(scratch.band.size()) < chunks) scratch.band.resize(chunks);
+  at::parallel_for(0, chunks, 1, [&](i64 first, i64 last) {
+    for (i64 c = first; c < last; ++c) {
+      const i64 begin = c * kChunk, end = std::min(n, begin + kChunk);
+      // Sums and counts, then the band (a few % of the chunk) from the L2 cache.
+      sums_outside_band(s + begin, w + begin, end - begin, lo, hi, scratch.sure_sum[c], scratch.below[c]);
+      std::vector<i64>& band = scratch.band[c];
+      band.clear();
+      for (i64 i = begin; i < end; ++i) {
+        if (Key<T>(magnitude_key(s[i]) - lo) <= Key<T>(hi - lo)) band.push_back(i);   // rarely true: predicted
+      }
+    }
+  });
+  i64 below_lo = 0, band_size = 0;
+  double alpha_sum = 0.0;
+  for (i64 c = 0; c < chunks; ++c) {
+    below_lo += scratch.below[c];
+    band_size += static_cast<i64>(scratch.band[c].size());
+    alpha_sum += scratch.sure_sum[c];
+  }
+  const i64 above_hi = n - below_lo - band_size;
+  // The threshold is the (n - n_keep)-th smallest key (0-based) overall, so this one within the band.
+  const i64 rank = n - n_keep - below_lo;
+  if (rank < 0 || rank >= band_size) return false;
+  std::vector<Key<T>>& order = scratch.order;
+  order.clear();
+  for (i64 c = 0; c < chunks; ++c) {
+    for (i64 i : scratch.band[c]) order.push_back(magnitude_key(s[i]));
+  }
+  std::nth_element(order.begin(), order.begin() + rank, order.end());
+  const Key<T> threshold = order[rank];
+  // Band entries above the threshold are kept; ties at it in flat index order while n_keep is not reached.
+  i64 ties_to_keep = n_keep - above_hi - (band_size - 1 - rank);
+  for (i64 j = rank + 1; j < band_size; ++j) ties_to_keep += order[j] == threshold;  // ties placed after rank
+  i64 last_tie = -1;
+  bool dropped_ties = false;
+  for (i64 c = 0; c < chunks; ++c) {
+    for (i64 i : scratch.band[c]) {
+      const Key<T> key = magnitude_key(s[i]);
+      const bool tie_kept = key == threshold && ties_to_keep > 0;
+      dropped_ties |= key == threshold && !tie_kept;
+      ties_to_keep -= tie_kept;
+      last_tie = tie_kept ? i : last_tie;
+      alpha_sum += std::abs(static_cast<double>(w[i])) * static_cast<double>((key > threshold) | tie_kept);
+    }
+  }
+  out = {threshold, last_tie, dropped_ties, alpha_sum / static_cast<double>(n_keep)};
+  return true;
+}
+
+template <typename T>
+Selection<T> select(const T* s, const T* w, i64 n, i64 n_keep) {
+  Selection<T> result{};
+  if (n > 4 * kSample) {
+    const i64 stride = n / kSample;
+    std::vector<Key<T>> sample;
+    sample.reserve(n / stride + 1);
+    for (i64 i = 0; i < n; i += stride) sample.push_back(magnitude_key(s[i]));
+    std::sort(sample.begin(), sample.end());
+    const i64 m = static_cast<i64>(sample.size());
+    const double position = static_cast<double>(n - n_keep) / static_cast<double>(n - 1) * (m - 1);
+    const double margin = 4.0 * std::sqrt(static_cast<double>(m)) / 2.0 + 2.0;
+    const Key<T> lo = sample[std::max<i64>(static_cast<i64>(position - margin), 0)];
+    const Key<T> hi = sample[std::min<i64>(static_cast<i64>(position + margin) + 1, m - 1)];
+    if (select_in_band(s, w, n, n_keep, lo, hi, result)) return result;
+  }
+  select_in_band(s, w, n, n_keep, Key<T>(0), std::numeric_limits<Key<T>>::max(), result);  // band = all
+  return result;
+}
+
+template <typename T>
+void write_effective(const T* s, const T* w, T* out, i64 n, const Selection<T>& sel) {
+  const T alpha = static_cast<T>(sel.alpha);
+  at::parallel_for(0, n, kChunk, [&](i64 first, i64 last) {
+    write_kept(s + first, w + first, out + first, last - first, sel.threshold, alpha);
+  });
+  if (sel.dropped_ties) {   // write_kept kept every tie: drop those after the last kept one
+    for (i64 i = sel.last_tie + 1; i < n; ++i) {
+      if (magnitude_key(s[i]) == sel.threshold) out[i] *= T(0);
+    }
+  }
+}
+
+void check_pair(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": dtypes differ");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, what, ": float or double only");
+  TORCH_CHECK(a.sizes() == b.sizes(), what, ": shapes differ");
+}
+
+at::Tensor effective_weight(const at::Tensor& scores, const at::Tensor& weight, int64_t n_keep) {
+  check_pair(scores, weight, "effective_weight");
+  const i64 n = scores.numel();
+  TORCH_CHECK(n_keep >= 1 && n_keep <= std::max<i64>(n, 1), "effective_weight: n_keep out of range");
+  const at::Tensor s = scores.contiguous(), w = weight.contiguous();
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  if (n == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "effective_weight", [&] {
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    Selection<scalar_t> sel{};
+    if (n_keep < n) {
+      sel = select(sp, wp, n, n_keep);
+    } else {   // keep all: threshold 0 keeps every key; alpha is the mean |W|
+      std::vector<double> sums((n + kChunk - 1) / kChunk);
+      std::vector<i64> unused(sums.size());
+      at::parallel_for(0, static_cast<i64>(sums.size()), 1, [&](i64 first, i64 last) {
+        for (i64 c = first; c < last; ++c) {   // |W| summed where |W|'s key > 0: all of it
+          const i64 begin = c * kChunk, end = std::min(n, begin + kChunk);
+          sums_outside_band(wp + begin, wp + begin, end - begin, Key<scalar_t>(0), Key<scalar_t>(0), sums[c],
+                            unused[c]);
+        }
+      });
+      sel.alpha = std::accumulate(sums.begin(), sums.end(), 0.0) / static_cast<double>(n);
+    }
+    write_effective(sp, wp, out.mutable_data_ptr<scalar_t>(), n, sel);
+  });
+  return out;
+}
+
+at::Tensor score_gradient(const at::Tensor& grad, const at::Tensor& scores, const at::Tensor& weight) {
+  check_pair(scores, weight, "score_gradient");
+  check_pair(grad, weight, "score_gradient");
+  const at::Tensor g = grad.contiguous(), s = scores.contiguous(), w = weight.contiguous();
+  at::Tensor out = at::empty_like(w, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "score_gradient", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.numel(), kChunk, [&](i64 first, i64 last) {
+      write_score_gradient(gp + first, sp + first, wp + first, op + first, last - first);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(biprop_masks, m) {
+  m.def("effective_weight(Tensor scores, Tensor weight, int n_keep) -> Tensor");
+  m.def("score_gradient(Tensor grad, Tensor scores, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(biprop_masks, CPU, m) {
+  m.impl("effective_weight", &effective_weight);
+  m.impl("score_gradient", &score_gradient);
+}
