@@ -96,6 +96,18 @@ void sums_outside_band(const T* s, const T* w, i64 n, Key<T> lo, Key<T> hi, doub
   }
 }
 
+// The offsets of the keys in [lo, hi] among n (< 2^32), in order, written without a branch; returns their count.
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+i64 band_offsets(const T* s, i64 n, Key<T> lo, Key<T> hi, uint32_t* offsets) {
+  i64 found = 0;
+  for (i64 i = 0; i < n; ++i) {
+    offsets[found] = static_cast<uint32_t>(i);
+    found += Key<T>(magnitude_key(s[i]) - lo) <= Key<T>(hi - lo);
+  }
+  return found;
+}
+
 // out = sign(W) * alpha * (key >= threshold): +-alpha where kept and W != 0, else 0 signed as W (as torch's
 // sign(W).mul_(alpha).mul_(M) leaves it).
 template <typename T>
@@ -156,11 +168,11 @@ bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T>
       const i64 begin = c * kChunk, end = std::min(n, begin + kChunk);
       // Sums and counts, then the band (a few % of the chunk) from the L2 cache.
       sums_outside_band(s + begin, w + begin, end - begin, lo, hi, scratch.sure_sum[c], scratch.below[c]);
+      thread_local std::vector<uint32_t> offsets(kChunk);
+      const i64 found = band_offsets(s + begin, end - begin, lo, hi, offsets.data());
       std::vector<i64>& band = scratch.band[c];
-      band.clear();
-      for (i64 i = begin; i < end; ++i) {
-        if (Key<T>(magnitude_key(s[i]) - lo) <= Key<T>(hi - lo)) band.push_back(i);   // rarely true: predicted
-      }
+      band.resize(found);
+      for (i64 j = 0; j < found; ++j) band[j] = begin + offsets[j];
     }
   });
   i64 below_lo = 0, band_size = 0;
