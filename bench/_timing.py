@@ -15,8 +15,9 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median ms of each named callable, run in turn (a, b, a, b, ...) so drifts in machine load hit all alike."""
+def interleaved_times_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Wall times (ms) of each named callable, run in turn (a, b, a, b, ...) so drifts in machine load hit all
+    alike: {name: [time of round 1, round 2, ...]}."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -25,8 +26,13 @@ def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median ms of each named callable, timed by interleaved_times_ms."""
+    return {name: statistics.median(t) for name, t in interleaved_times_ms(fns, repeats, warmup).items()}
 
 
 def table(header: list[str], rows: list[list], formats: list[str]) -> str:

@@ -4,25 +4,29 @@ Target: a BIPROP training step takes at most 1.05x the dense step (same model, b
 
 For each model (Conv4 at batch 128, ResNet-18 for CIFAR at batch 64; 3x32x32 inputs, 10 classes), times
 full training steps (forward, backward, SGD with momentum over the trainable parameters only: the scores
-for BIPROP, weights and BN affine parameters for dense), BIPROP and dense steps interleaved, median of
---repeats after --warmup. Then, on the BIPROP model's layers:
+for BIPROP, weights and BN affine parameters for dense), one BIPROP and one dense step per round, --repeats
+rounds after --warmup; the ratio is the median over rounds of the two steps' ratio. Then, on the BIPROP model's
+layers:
   mask ms      all layers' effective_weight() with grad enabled, i.e. what one forward pays for the masks
-               (top-k selection by kthvalue, alpha, sign(W) * alpha * M, autograd node)
+               (the C++ kernels of biprop_hpc/nn/csrc/masks.cpp where built: selection, alpha and
+               sign(W) * alpha * M in two passes; autograd node)
+  torch ms     the same by the torch code the kernels replace (layers.torch_binary_masked_weight)
   select ms    the top-k masks alone (biprop_hpc.nn.layers.topk_mask, selection)
   sort ms      reference: the original sort-based mask (torch.sort of |scores| per layer, threshold at the
                n_keep-th largest), timed on the same layers
 Ratios (BIPROP/dense, mask share of the BIPROP step, sort/select) use numbers measured in this run.
 
-  python bench/cpu_step.py                                  # defaults: 2 threads, warmup 1, repeats 7
+  python bench/cpu_step.py                                  # defaults: 2 threads, warmup 1, repeats 15
   python bench/cpu_step.py --repeats 2 --mask-repeats 3 --batch-conv4 16 --batch-resnet 8   # smoke test
 """
 import argparse
 import platform
+import statistics
 
 import torch
 from torch import nn
 
-from _timing import interleaved_median_ms, median_ms, table
+from _timing import interleaved_times_ms, median_ms, table
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn.layers import biprop_layers, topk_mask, torch_binary_masked_weight
 
@@ -63,7 +67,7 @@ def main():
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per layer type (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds of one step of each (median)")
     parser.add_argument("--mask-repeats", type=int, default=10, help="timed repeats of the mask timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,7 +80,10 @@ def main():
         batch = args.batch_conv4 if name.startswith("conv") else args.batch_resnet
         biprop_model, biprop_step = make_step(name, "biprop", args.keep_ratio, batch)
         _, dense_step = make_step(name, "dense", args.keep_ratio, batch)
-        steps = interleaved_median_ms({"biprop": biprop_step, "dense": dense_step}, args.repeats, args.warmup)
+        times = interleaved_times_ms({"biprop": biprop_step, "dense": dense_step}, args.repeats, args.warmup)
+        steps = {name: statistics.median(t) for name, t in times.items()}
+        # The ratio of each round's pair of steps, then the median: load drifts between rounds cancel.
+        ratio = statistics.median(b / d for b, d in zip(times["biprop"], times["dense"]))
 
         layers = [layer for _, layer in biprop_layers(biprop_model)]
         sizes = [layer.n_keep for layer in layers]
@@ -107,7 +114,6 @@ def main():
         select = median_ms(all_select_masks, args.mask_repeats, warmup=2)
         sort = median_ms(all_sort_masks, max(3, args.mask_repeats // 4), warmup=1)
         scores = sum(layer.scores.numel() for layer in layers)
-        ratio = steps["biprop"] / steps["dense"]
         rows.append([name, batch, f"{scores / 1e6:.2f}M", steps["dense"], steps["biprop"], ratio,
                      "yes" if ratio <= 1.05 else "NO", mask, f"{100 * mask / steps['biprop']:.1f}%",
                      torch_mask, select, sort, sort / select])
@@ -117,7 +123,7 @@ def main():
     print(table(["model", "batch", "scores", "dense ms", "BIPROP ms", "ratio", "<=1.05", "mask ms",
                  "mask share", "torch ms", "select ms", "sort-mask ms", "sort/select"],
                 rows, ["s", "d", "s", ".1f", ".1f", ".3f", "s", ".2f", "s", ".2f", ".2f", ".2f", ".1f"]))
-    print("\nratio = BIPROP / dense step (forward + backward + SGD momentum step); mask = all layers' "
+    print("\nratio = median over rounds of BIPROP / dense step (forward + backward + SGD momentum step); mask = all layers' "
           "effective_weight() with grad\n(C++ kernels); mask share = mask / BIPROP step; torch = the same by the "
           "torch code they replace;\nselect = topk_mask (selection); sort-mask = reference: original sort-based mask.")
 

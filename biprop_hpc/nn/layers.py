@@ -96,7 +96,7 @@ def topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     if magnitude.is_cuda or int(mask.sum()) != n_keep:
         above = magnitude > threshold
         tied = magnitude == threshold
-        mask = above | (tied & (torch.cumsum(tied, 0) <= n_keep - above.sum()))
+        mask = above | (tied & (torch.cumsum(tied, 0, dtype=torch.int32) <= n_keep - above.sum()))
     return mask.view_as(scores)
 
 
