@@ -4,8 +4,9 @@ For each model (WideResNet-50-2 at keep 0.2 with signed-constant init, the paper
 each batch size and each precision (fp32; bf16 AMP; bf16 AMP + channels_last), times full training steps
 (forward, backward, SGD momentum step over the trainable parameters) at 224x224 with batches already on the GPU,
 BIPROP and dense in alternating blocks of --steps steps (--rounds rounds, median), so drifts hit both alike.
-It also times the mask engine alone (all layers' W_eff, both methods: "layerwise", the default, and "batched")
-and reports the share of the step taken by the method used (--method), and the peak memory of each. With --tree, the same for batches from the
+It also times the mask engine alone (all layers' W_eff by each method: "layerwise", the default, "graphed" and
+"batched") and reports the share of the step taken by the method used (--method), and the peak memory of each
+kind (see measure()). With --tree, the same for batches from the
 torch loader reading a generated JPEG tree (bf16 AMP + channels_last only). Ratios are measured in this run.
 A configuration that does not fit in memory prints "OOM" and the run goes on.
 
@@ -23,6 +24,7 @@ from torch import nn
 from biprop_hpc.models import LayerBuilder, build_model
 
 PRECISIONS = (("fp32", False, False), ("bf16", True, False), ("bf16+CL", True, True))
+MASK_METHODS = ("layerwise", "graphed", "batched")
 
 
 def make_tree(root, images=1024, classes=8):
@@ -108,23 +110,32 @@ class Trainer:
 
 
 def measure(name, batch, amp, channels_last, source, steps, rounds, method):
-    """(BIPROP img/s, dense img/s, BIPROP GiB, dense GiB, layerwise mask ms, batched mask ms) or None (OOM)."""
+    """(BIPROP img/s, dense img/s, BIPROP GiB, dense GiB, mask ms of each of MASK_METHODS) or None (OOM).
+
+    Peak memory of one kind: the most allocated during two steps after three warm-up steps (cuDNN's benchmark
+    trials, which only the first model of a shape pays, are done by then), less what was allocated before its
+    model was built (the other kind's model): its parameters, gradients, optimizer state and activations.
+    """
     trainers, peaks = {}, {}
     try:
         for kind in ("biprop", "dense"):
-            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
             trainers[kind] = Trainer(name, kind, amp, channels_last, method)
             batches = source(batch)
             for _ in range(3):
                 trainers[kind].step(*next(batches))
             torch.cuda.synchronize()
-            peaks[kind] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(2):
+                trainers[kind].step(*next(batches))
+            torch.cuda.synchronize()
+            peaks[kind] = (torch.cuda.max_memory_allocated() - before) / 2**30
         seconds = {kind: [] for kind in trainers}
         batches = source(batch)
         for _ in range(rounds):
             for kind, trainer in trainers.items():
                 seconds[kind].append(trainer.timed_steps(batches, steps))
-        masks = [trainers["biprop"].mask_ms(m) for m in ("layerwise", "batched")]
+        masks = [trainers["biprop"].mask_ms(m) for m in MASK_METHODS]
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
@@ -142,7 +153,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="alternating BIPROP/dense blocks (median)")
     parser.add_argument("--tree", default="", help="also time the torch loader on a JPEG tree generated here")
     parser.add_argument("--workers", type=int, default=12)
-    parser.add_argument("--method", default="auto", choices=("auto", "batched", "layerwise"),
+    parser.add_argument("--method", default="auto", choices=("auto", *MASK_METHODS),
                         help="the mask engine's method in the timed BIPROP steps")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -153,8 +164,8 @@ def main():
         make_tree(args.tree)
         sources.append(("torch loader", lambda batch: torch_loader_batches(args.tree, batch, args.workers)))
     header = (f"{'model':16} {'batch':>5} {'input':12} {'precision':9} {'BIPROP img/s':>12} {'dense img/s':>11} "
-              f"{'ratio':>6} {'BIPROP GiB':>10} {'dense GiB':>9} {'layerwise mask ms':>17} {'batched mask ms':>15} "
-              f"{'mask share':>10}")
+              f"{'ratio':>6} {'BIPROP GiB':>10} {'dense GiB':>9} "
+              + "".join(f"{m + ' mask ms':>18}" for m in MASK_METHODS) + f" {'mask share':>10}")
     print(header + "\n" + "-" * len(header), flush=True)
     for name in args.models:
         for batch in args.batches:
@@ -167,11 +178,12 @@ def main():
                     if result is None:
                         print(f"{row} {'OOM':>12}", flush=True)
                         continue
-                    biprop, dense, biprop_gib, dense_gib, layerwise, batched = result
-                    used = batched if args.method == "batched" else layerwise
+                    biprop, dense, biprop_gib, dense_gib, *masks = result
+                    used = masks[MASK_METHODS.index("layerwise" if args.method == "auto" else args.method)]
                     share = used / (1e3 * batch / biprop)
                     print(f"{row} {biprop:12.0f} {dense:11.0f} {biprop / dense:6.2f} {biprop_gib:10.1f} "
-                          f"{dense_gib:9.1f} {layerwise:17.2f} {batched:15.2f} {100 * share:9.1f}%", flush=True)
+                          f"{dense_gib:9.1f}" + "".join(f"{m:18.2f}" for m in masks) + f" {100 * share:9.1f}%",
+                          flush=True)
 
 
 if __name__ == "__main__":

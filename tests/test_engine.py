@@ -16,7 +16,7 @@ from biprop_hpc.models import MODELS, LayerBuilder, build_model
 from biprop_hpc.nn import BipropConv2d, MaskEngine, biprop_layers, kept_count
 from test_nn import reference_effective_weight
 
-METHODS = ("layerwise", "batched")
+METHODS = ("layerwise", "batched", "graphed")     # graphed is layerwise off CUDA (tests/test_gpu.py)
 KEEP_RATIOS = (0.01, 0.05, 0.2, 0.5, 0.77, 1.0)
 IMAGENET = {"resnet18", "resnet34", "resnet50", "wide_resnet50_2", "wide_resnet34_2_bin"}
 

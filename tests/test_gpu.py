@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from biprop_hpc.models import LayerBuilder, build_model
-from biprop_hpc.nn import biprop_layers
+from biprop_hpc.nn import biprop_layers, set_keep_ratio
 from test_engine import fill_scores
 from test_nn import reference_effective_weight
 
@@ -22,7 +22,7 @@ def model_on_gpu(name="resnet18_cifar_bin", keep_ratio=0.3, width_mult=0.25, siz
     return model.cuda()
 
 
-@pytest.mark.parametrize("method", ["layerwise", "batched"])
+@pytest.mark.parametrize("method", ["layerwise", "batched", "graphed"])
 @pytest.mark.parametrize("kind", ["random", "tied", "skewed"])
 @pytest.mark.parametrize("keep_ratio", [0.01, 0.2, 0.5, 1.0])
 def test_masks_on_cuda_equal_the_cpu_reference(method, kind, keep_ratio):
@@ -37,7 +37,7 @@ def test_masks_on_cuda_equal_the_cpu_reference(method, kind, keep_ratio):
         torch.testing.assert_close(weight.cpu(), expected, rtol=1e-6, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("method", ["layerwise", "batched"])
+@pytest.mark.parametrize("method", ["layerwise", "batched", "graphed"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_training_steps_never_synchronise(method, amp):
     model = model_on_gpu("wide_resnet34_2_bin", width_mult=0.125, size=64)
@@ -68,3 +68,50 @@ def test_training_steps_never_synchronise(method, amp):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(totals).all()
+
+
+def check_against_reference(model, weights):
+    for (name, layer), weight in zip(biprop_layers(model), weights):
+        expected, _, mask = reference_effective_weight(layer.weight.cpu(), layer.scores.cpu(), layer.n_keep)
+        assert torch.equal(weight.cpu() != 0, mask), name
+        torch.testing.assert_close(weight.cpu(), expected, rtol=1e-6, atol=0, msg=name)
+
+
+def test_the_graph_follows_the_scores_and_is_captured_again_when_the_layers_change():
+    model = model_on_gpu(keep_ratio=0.3)
+    engine = model.mask_engine
+    engine.method = "graphed"
+    check_against_reference(model, engine.effective_weights())
+    first = engine._graphed
+    fill_scores(model, "random", seed=5)               # in place, as the optimizer writes them: a replay
+    earlier = engine.effective_weights()
+    check_against_reference(model, earlier)
+    assert engine._graphed is first
+    kept = [w.clone() for w in earlier]
+    fill_scores(model, "tied", seed=6)
+    check_against_reference(model, engine.effective_weights())
+    assert all(torch.equal(a, b) for a, b in zip(earlier, kept))   # a later replay leaves earlier W_eff alone
+    set_keep_ratio(model, 0.6)                         # other kept counts: a new graph
+    check_against_reference(model, engine.effective_weights())
+    assert engine._graphed is not first
+    model.to(memory_format=torch.channels_last)        # moved storage and strides: a new graph, same layout
+    weights = engine.effective_weights()
+    check_against_reference(model, weights)
+    assert all(w.stride() == l.weight.stride() for w, (_, l) in zip(weights, biprop_layers(model)))
+
+
+def test_graphed_training_equals_layerwise_training_bit_for_bit():
+    """The same kernels run, replayed or launched: three SGD steps give identical scores."""
+    x = torch.randn(8, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    y = torch.arange(8, device="cuda") % 10
+    scores = {}
+    for method in ("layerwise", "graphed"):
+        model = model_on_gpu("resnet18_cifar", keep_ratio=0.3)
+        model.mask_engine.method = method
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+        for _ in range(3):
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        scores[method] = [layer.scores.detach().clone() for _, layer in biprop_layers(model)]
+    assert all(torch.equal(a, b) for a, b in zip(scores["layerwise"], scores["graphed"]))

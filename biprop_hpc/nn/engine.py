@@ -6,6 +6,10 @@ no host-device synchronisation inside a training step. Two methods, the same res
 
 - "layerwise" (the default, `auto`, on every device): layer after layer with the selection of layers.py (on
   the CPU a numpy partition of a sampled band; on a GPU topk's multi-block radix select and the tie-break).
+- "graphed" (CUDA; elsewhere the same as layerwise): the layerwise computation captured once in a CUDA graph
+  and replayed before each forward, so the ~10 small kernels per layer cost one launch. The layerwise masks take
+  about the same time for WideResNet-50-2 (69M scores) as for ResNet-50 (25M) on an H200, which says they are
+  bound by launches, not by work: this removes the launches. Not yet measured on a GPU (bench/gpu_check.sh).
 - "batched": all layers at once in a fixed number of kernels, whatever the layer count: the |S| of all layers in
   one flat buffer; per-layer thresholds by a two-pass radix select (a histogram over (layer, high 16 bits of |S|),
   then one over the low 16 bits within the chosen bucket), which gives each layer's n_keep-th largest |S|
@@ -107,10 +111,54 @@ def segment_sums(values: torch.Tensor, segments: _Segments) -> torch.Tensor:
     return running[segments.last] - before
 
 
+class _GraphedLayers:
+    """The layerwise W_eff of all layers captured once in a CUDA graph, replayed before each forward: one launch
+    instead of about ten small kernels per layer. Valid while the layers' scores and weights stay where they are
+    (in-place updates by the optimizer, Horovod's broadcast or load_state_dict keep them there) with the same
+    kept counts and layouts: `key`; the engine captures a new graph when it changes."""
+
+    def __init__(self, layers: list, key: tuple):
+        self.layers, self.key = layers, key
+        weights = [layer.weight for layer in layers]
+        self.sizes = [w.numel() for w in weights]
+        self.flat = torch.empty(sum(self.sizes), dtype=weights[0].dtype, device=weights[0].device)
+        self.outputs = self._views(self.flat)
+        side = torch.cuda.Stream(weights[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.autocast("cuda", enabled=False), torch.no_grad():
+            with torch.cuda.stream(side):
+                self._compute()                # warm-up outside the capture (kernels' lazy initialisation)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: loader threads may use the device meanwhile (pinned copies), which is allowed
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._compute()
+
+    @staticmethod
+    def key_of(layers: list) -> tuple:
+        return tuple((l.scores.data_ptr(), l.weight.data_ptr(), l.n_keep, l.weight.dtype, l.weight.stride())
+                     for l in layers)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        # each layer's W_eff with its weight's strides (channels_last stays channels_last)
+        return [part.as_strided(l.weight.size(), l.weight.stride())
+                for part, l in zip(flat.split(self.sizes), self.layers)]
+
+    def _compute(self) -> None:
+        for layer, out in zip(self.layers, self.outputs):
+            out.copy_(binary_masked_weight(layer.scores, layer.weight, layer.n_keep))
+
+    def run(self) -> list[torch.Tensor]:
+        self.graph.replay()
+        # This forward's own copy (one kernel): autograd keeps W_eff for backward, and the next replay rewrites
+        # the graph's buffer.
+        return self._views(self.flat.clone())
+
+
 class MaskEngine:
     """Computes the effective weights of all BIPROP layers of a model for each forward (see the module doc)."""
 
-    METHODS = ("auto", "batched", "layerwise")
+    METHODS = ("auto", "batched", "graphed", "layerwise")
 
     def __init__(self, model: nn.Module, method: str = "auto"):
         if method not in self.METHODS:
@@ -119,6 +167,7 @@ class MaskEngine:
         self.method = method         # auto: layerwise (measured faster; see the module docstring)
         self._segments: dict = {}
         self._n_keep_cache: tuple = (None, None)   # (device, kept counts) -> the counts on that device
+        self._graphed: _GraphedLayers | None = None
         self._owns = False           # the layers' current weights were set by this engine for one forward
 
     # --- computing ----------------------------------------------------------------------------------------
@@ -127,9 +176,25 @@ class MaskEngine:
         """Every layer's W_eff (no autograd), by the engine's method."""
         if not self.layers:
             return []
-        if self.method != "batched":
-            return [binary_masked_weight(l.scores, l.weight, l.n_keep) for l in self.layers]
-        return self.batched_effective_weights()
+        if self.method == "batched":
+            return self.batched_effective_weights()
+        if self.method == "graphed" and self.layers[0].weight.is_cuda:
+            return self.graphed_effective_weights()
+        return [binary_masked_weight(l.scores, l.weight, l.n_keep) for l in self.layers]
+
+    @torch.no_grad()
+    def graphed_effective_weights(self) -> list[torch.Tensor]:
+        """The layerwise computation replayed from a CUDA graph (captured at the first call, and again when the
+        layers' storage, kept counts or layouts change). Layers of one dtype on one CUDA device."""
+        key = _GraphedLayers.key_of(self.layers)
+        if self._graphed is None or self._graphed.key != key:
+            devices = {(l.weight.device, l.weight.dtype) for l in self.layers}
+            if len(devices) != 1:
+                raise ValueError(f"the graphed mask engine needs all BIPROP layers on one device with one dtype, "
+                                 f"got {sorted(map(str, devices))}; use method 'layerwise'")
+            self._graphed = None               # free the old graph's memory before capturing the new one
+            self._graphed = _GraphedLayers(self.layers, key)
+        return self._graphed.run()
 
     @torch.no_grad()
     def batched_effective_weights(self) -> list[torch.Tensor]:
