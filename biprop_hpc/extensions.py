@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-CFLAGS = ["-O3", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is inline OpenMP code, serial unless the extension is compiled with it; it links
+# libgomp.so.1, the soname of the copy torch ships and has loaded already, so one OpenMP runtime serves both.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 PACKAGE = Path(__file__).parent
 
 
@@ -93,7 +95,8 @@ class CppExtension:
             self._build_direct(library, verbose)
         else:
             cpp_extension.load(name=library.stem, sources=[str(s) for s in self.sources], extra_cflags=CFLAGS,
-                               build_directory=str(library.parent), is_python_module=False, verbose=verbose)
+                               extra_ldflags=["-fopenmp"], build_directory=str(library.parent),
+                               is_python_module=False, verbose=verbose)
 
     def _build_direct(self, library: Path, verbose: bool) -> None:
         """Compile and link with the C++ compiler directly (no ninja), with cpp_extension's paths and flags."""

@@ -81,13 +81,16 @@ __attribute__((target_clones("avx2", "default")))
 void sums_outside_band(const T* s, const T* w, i64 n, Key<T> lo, Key<T> hi, double& sum_above, i64& count_below) {
   double sum[kLanes] = {};
   i64 count[kLanes] = {};
-  for (i64 i = 0; i < n; i += kLanes) {
-    for (int l = 0; l < kLanes && i + l < n; ++l) {
-      const Key<T> key = magnitude_key(s[i + l]);
-      sum[l] += static_cast<double>(from_bits<T>(bits_of(w[i + l]) & ~kSignBit<T> & all_if<T>(key > hi)));
-      count[l] += key < lo;
-    }
+  auto add = [&](i64 i, int l) {
+    const Key<T> key = magnitude_key(s[i]);
+    sum[l] += static_cast<double>(from_bits<T>(bits_of(w[i]) & ~kSignBit<T> & all_if<T>(key > hi)));
+    count[l] += key < lo;
+  };
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) add(i + l, l);
   }
+  for (int l = 0; i < n; ++i, ++l) add(i, l);
   sum_above = 0.0;
   count_below = 0;
   for (int l = 0; l < kLanes; ++l) {
@@ -96,14 +99,23 @@ void sums_outside_band(const T* s, const T* w, i64 n, Key<T> lo, Key<T> hi, doub
   }
 }
 
-// The offsets of the keys in [lo, hi] among n (< 2^32), in order, written without a branch; returns their count.
+template <typename T>
+struct BandEntry {
+  i64 index;         // flat index in the layer
+  Key<T> key;        // |S| as bits
+  T magnitude;       // |W|
+};
+
+// The entries with keys in [lo, hi] among n starting at flat index `first`, in order; returns their count.
+// One unsigned compare per key, true for a few % of them: a well-predicted branch.
 template <typename T>
 __attribute__((target_clones("avx2", "default")))
-i64 band_offsets(const T* s, i64 n, Key<T> lo, Key<T> hi, uint32_t* offsets) {
+i64 band_entries(const T* s, const T* w, i64 n, i64 first, Key<T> lo, Key<T> hi, BandEntry<T>* entries) {
   i64 found = 0;
+  const Key<T> width = hi - lo;
   for (i64 i = 0; i < n; ++i) {
-    offsets[found] = static_cast<uint32_t>(i);
-    found += Key<T>(magnitude_key(s[i]) - lo) <= Key<T>(hi - lo);
+    const Key<T> key = magnitude_key(s[i]);
+    if (Key<T>(key - lo) <= width) entries[found++] = {first + i, key, from_bits<T>(bits_of(w[i]) & ~kSignBit<T>)};
   }
   return found;
 }
@@ -147,7 +159,7 @@ template <typename T>
 struct Scratch {
   std::vector<double> sure_sum;
   std::vector<i64> below;
-  std::vector<std::vector<i64>> band;   // per chunk: flat indices of the band's entries, in order
+  std::vector<std::vector<BandEntry<T>>> band;   // per chunk: the band's entries, in index order
   std::vector<Key<T>> order;
 
   static Scratch& of_this_thread() {
@@ -168,11 +180,9 @@ bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T>
       const i64 begin = c * kChunk, end = std::min(n, begin + kChunk);
       // Sums and counts, then the band (a few % of the chunk) from the L2 cache.
       sums_outside_band(s + begin, w + begin, end - begin, lo, hi, scratch.sure_sum[c], scratch.below[c]);
-      thread_local std::vector<uint32_t> offsets(kChunk);
-      const i64 found = band_offsets(s + begin, end - begin, lo, hi, offsets.data());
-      std::vector<i64>& band = scratch.band[c];
-      band.resize(found);
-      for (i64 j = 0; j < found; ++j) band[j] = begin + offsets[j];
+      thread_local std::vector<BandEntry<T>> found_entries(kChunk);
+      const i64 found = band_entries(s + begin, w + begin, end - begin, begin, lo, hi, found_entries.data());
+      scratch.band[c].assign(found_entries.begin(), found_entries.begin() + found);
     }
   });
   i64 below_lo = 0, band_size = 0;
@@ -189,7 +199,7 @@ bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T>
   std::vector<Key<T>>& order = scratch.order;
   order.clear();
   for (i64 c = 0; c < chunks; ++c) {
-    for (i64 i : scratch.band[c]) order.push_back(magnitude_key(s[i]));
+    for (const BandEntry<T>& entry : scratch.band[c]) order.push_back(entry.key);
   }
   std::nth_element(order.begin(), order.begin() + rank, order.end());
   const Key<T> threshold = order[rank];
@@ -199,13 +209,12 @@ bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T>
   i64 last_tie = -1;
   bool dropped_ties = false;
   for (i64 c = 0; c < chunks; ++c) {
-    for (i64 i : scratch.band[c]) {
-      const Key<T> key = magnitude_key(s[i]);
-      const bool tie_kept = key == threshold && ties_to_keep > 0;
-      dropped_ties |= key == threshold && !tie_kept;
+    for (const BandEntry<T>& entry : scratch.band[c]) {
+      const bool tie_kept = entry.key == threshold && ties_to_keep > 0;
+      dropped_ties |= entry.key == threshold && !tie_kept;
       ties_to_keep -= tie_kept;
-      last_tie = tie_kept ? i : last_tie;
-      alpha_sum += std::abs(static_cast<double>(w[i])) * static_cast<double>((key > threshold) | tie_kept);
+      last_tie = tie_kept ? entry.index : last_tie;
+      alpha_sum += static_cast<double>(entry.magnitude) * static_cast<double>((entry.key > threshold) | tie_kept);
     }
   }
   out = {threshold, last_tie, dropped_ties, alpha_sum / static_cast<double>(n_keep)};
