@@ -2,10 +2,10 @@
 
 A model built by the zoo carries a `MaskEngine` (attached as a forward pre-hook on the whole model). Before
 each forward it computes W_eff = sign(W) * alpha * M for ALL BIPROP layers and hands each layer its own, with
-no host-device synchronisation inside a training step. Two methods, the same results:
+no host-device synchronisation inside a training step. Three methods, the same results:
 
-- "layerwise" (the default, `auto`, on every device): layer after layer with the selection of layers.py (on
-  the CPU a numpy partition of a sampled band; on a GPU topk's multi-block radix select and the tie-break).
+- "layerwise" (the default, `auto`, on every device): layer after layer with layers.binary_masked_weight (on
+  the CPU the C++ kernels of csrc/masks.cpp; on a GPU topk's multi-block radix select and the tie-break).
 - "graphed" (CUDA; elsewhere the same as layerwise): the layerwise computation captured once in a CUDA graph
   and replayed before each forward, so the ~10 small kernels per layer cost one launch. The layerwise masks take
   about the same time for WideResNet-50-2 (69M scores) as for ResNet-50 (25M) on an H200, which says they are

@@ -1,4 +1,5 @@
-// CPU kernels of the BIPROP layers (biprop_hpc.nn.kernels): the effective weight and its score gradient,
+// CPU kernels of the BIPROP layers (called by biprop_hpc/nn/layers.py, built by biprop_hpc/extensions.py): the
+// effective weight and its score gradient,
 // each in a fixed, small number of passes over the layer and one output allocation.
 //
 //   effective_weight(S, W, n_keep) = sign(W) * alpha * M      (M: the n_keep largest |S|, ties to the lower
@@ -9,7 +10,7 @@
 // (NaN above +inf), so every comparison is an integer one and the order is total. A strided sample of 8192
 // keys brackets the threshold between two sample keys lo <= hi (4 standard deviations of the sample rank
 // either side). Pass 1 over the layer, in fixed chunks: sum |W| over keys > hi (kept for sure), count keys
-// < lo, and collect the band lo <= key <= hi with its flat indices (in index order, a few % of the layer).
+// < lo, and collect the band lo <= key <= hi (flat index, key, |W|; in index order, a few % of the layer).
 // The threshold is the right order statistic of the band (nth_element); ties at it are kept in the band's
 // index order until n_keep is reached, so the last kept tie's index decides every tie; alpha adds the |W| of
 // the kept band entries. Pass 2 writes W_eff. If the band misses the threshold (an unlucky sample) the band
