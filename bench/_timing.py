@@ -30,11 +30,6 @@ def interleaved_times_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
     return times
 
 
-def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median ms of each named callable, timed by interleaved_times_ms."""
-    return {name: statistics.median(t) for name, t in interleaved_times_ms(fns, repeats, warmup).items()}
-
-
 def table(header: list[str], rows: list[list], formats: list[str]) -> str:
     """A plain right-aligned text table; `formats` are format specs per column (e.g. '.1f', 's')."""
     cells = [[format(value, spec) if not isinstance(value, str) else value for value, spec in zip(row, formats)]

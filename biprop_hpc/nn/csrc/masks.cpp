@@ -43,14 +43,6 @@ template <typename T>
 using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 
 template <typename T>
-inline Key<T> magnitude_key(T value) {
-  Key<T> bits;
-  std::memcpy(&bits, &value, sizeof(T));
-  return bits & (std::numeric_limits<Key<T>>::max() >> 1);  // clear the sign bit: the bits of |value|
-}
-
-
-template <typename T>
 inline Key<T> bits_of(T value) {
   Key<T> bits;
   std::memcpy(&bits, &value, sizeof(T));
@@ -72,6 +64,11 @@ inline Key<T> all_if(bool condition) {   // all ones if condition else 0: a sele
 template <typename T>
 constexpr Key<T> kSignBit = Key<T>(1) << (8 * sizeof(T) - 1);
 
+template <typename T>
+inline Key<T> magnitude_key(T value) {   // the bits of |value|
+  return bits_of(value) & ~kSignBit<T>;
+}
+
 // The hot loops, compiled twice (AVX2 and baseline x86-64, chosen when the library loads) and written in
 // integer selects, without branches on the keys (which are random), so that they vectorise. Sums run in
 // kLanes independent float64 accumulators: the same order of additions on every machine and thread count.
@@ -84,7 +81,7 @@ void sums_outside_band(const T* s, const T* w, i64 n, Key<T> lo, Key<T> hi, doub
   i64 count[kLanes] = {};
   auto add = [&](i64 i, int l) {
     const Key<T> key = magnitude_key(s[i]);
-    sum[l] += static_cast<double>(from_bits<T>(bits_of(w[i]) & ~kSignBit<T> & all_if<T>(key > hi)));
+    sum[l] += static_cast<double>(from_bits<T>(magnitude_key(w[i]) & all_if<T>(key > hi)));
     count[l] += key < lo;
   };
   i64 i = 0;
@@ -107,18 +104,17 @@ struct BandEntry {
   T magnitude;       // |W|
 };
 
-// The entries with keys in [lo, hi] among n starting at flat index `first`, in order; returns their count.
+// The entries with keys in [lo, hi] among n starting at flat index `first`, in order, into `band`.
 // One unsigned compare per key, true for a few % of them: a well-predicted branch.
 template <typename T>
 __attribute__((target_clones("avx2", "default")))
-i64 band_entries(const T* s, const T* w, i64 n, i64 first, Key<T> lo, Key<T> hi, BandEntry<T>* entries) {
-  i64 found = 0;
+void band_entries(const T* s, const T* w, i64 n, i64 first, Key<T> lo, Key<T> hi, std::vector<BandEntry<T>>& band) {
+  band.clear();
   const Key<T> width = hi - lo;
   for (i64 i = 0; i < n; ++i) {
     const Key<T> key = magnitude_key(s[i]);
-    if (Key<T>(key - lo) <= width) entries[found++] = {first + i, key, from_bits<T>(bits_of(w[i]) & ~kSignBit<T>)};
+    if (Key<T>(key - lo) <= width) band.push_back({first + i, key, from_bits<T>(magnitude_key(w[i]))});
   }
-  return found;
 }
 
 // out = sign(W) * alpha * (key >= threshold): +-alpha where kept and W != 0, else 0 signed as W (as torch's
@@ -181,9 +177,7 @@ bool select_in_band(const T* s, const T* w, i64 n, i64 n_keep, Key<T> lo, Key<T>
       const i64 begin = c * kChunk, end = std::min(n, begin + kChunk);
       // Sums and counts, then the band (a few % of the chunk) from the L2 cache.
       sums_outside_band(s + begin, w + begin, end - begin, lo, hi, scratch.sure_sum[c], scratch.below[c]);
-      thread_local std::vector<BandEntry<T>> found_entries(kChunk);
-      const i64 found = band_entries(s + begin, w + begin, end - begin, begin, lo, hi, found_entries.data());
-      scratch.band[c].assign(found_entries.begin(), found_entries.begin() + found);
+      band_entries(s + begin, w + begin, end - begin, begin, lo, hi, scratch.band[c]);
     }
   });
   i64 below_lo = 0, band_size = 0;
