@@ -99,6 +99,28 @@ def test_score_gradients_equal_the_straight_through_reference(method):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_layers_get_the_same_weights(method):
+    """Ties go to the lower index of the logical (N, C, H, W) order, whatever the memory format."""
+    model, _ = small_model("resnet18_cifar", 0.3)
+    fill_scores(model, "tied")
+    expected = MaskEngine(model, "layerwise").effective_weights()
+    model.to(memory_format=torch.channels_last)
+    weights = MaskEngine(model, method).effective_weights()
+    for (name, layer), weight, reference in zip(biprop_layers(model), weights, expected):
+        assert torch.equal(weight, reference), name
+
+
+def test_batched_on_float64_layers_computes_them_layer_by_layer():
+    model, _ = small_model("conv4", 0.3)
+    model.double()
+    fill_scores(model, "tied")
+    for (name, layer), weight in zip(biprop_layers(model), MaskEngine(model, "batched").effective_weights()):
+        expected, _, mask = reference_effective_weight(layer.weight, layer.scores, layer.n_keep)
+        assert weight.dtype == torch.float64 and torch.equal(weight != 0, mask), name
+        torch.testing.assert_close(weight, expected, rtol=1e-12, atol=0)
+
+
 def test_keep_ratio_changes_between_forwards_are_followed():
     model, size = small_model("conv4", 0.5)
     model.mask_engine.method = "batched"

@@ -70,6 +70,33 @@ def test_training_steps_never_synchronise(method, amp):
     assert torch.isfinite(totals).all()
 
 
+def test_the_compiled_triton_kernels_equal_the_torch_kernels_and_the_reference():
+    """radix_triton compiled (small chunks: layers over many chunks, chunks over many blocks); tests/test_radix.py
+    runs the same checks in Triton's interpreter on the CPU."""
+    from biprop_hpc.nn import radix_triton
+    from test_radix import check_against_reference as check_radix
+    from test_radix import check_each_triton_kernel_against_its_torch_counterpart as check_kernels
+    check_kernels(radix_triton, "cuda")
+    for kind in ("random", "tied", "skewed"):
+        for keep_ratio in (0.01, 0.5, 0.999, 1.0):
+            check_radix(radix_triton, kind, keep_ratio, "cuda")
+
+
+@pytest.mark.parametrize("method", ["layerwise", "batched", "graphed"])
+def test_channels_last_weights_get_channels_last_effective_weights(method):
+    model = model_on_gpu(keep_ratio=0.3).to(memory_format=torch.channels_last)
+    model.mask_engine.method = method
+    weights = model.mask_engine.effective_weights()
+    check_against_reference(model, weights)
+    assert all(w.stride() == l.weight.stride() for w, (_, l) in zip(weights, biprop_layers(model)))
+
+
+def test_the_batched_method_runs_the_triton_kernels_on_cuda():
+    from biprop_hpc.nn import radix, radix_triton
+    assert radix.kernels_for(torch.device("cuda")) is radix_triton
+    assert radix.kernels_for(torch.device("cpu")) is radix.TorchKernels
+
+
 def check_against_reference(model, weights):
     for (name, layer), weight in zip(biprop_layers(model), weights):
         expected, _, mask = reference_effective_weight(layer.weight.cpu(), layer.scores.cpu(), layer.n_keep)

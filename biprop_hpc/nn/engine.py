@@ -10,14 +10,14 @@ no host-device synchronisation inside a training step. Three methods, the same r
   and replayed before each forward, so the ~10 small kernels per layer cost one launch. The layerwise masks take
   about the same time for WideResNet-50-2 (69M scores) as for ResNet-50 (25M) on an H200, which says they are
   bound by launches, not by work: this removes the launches. Not yet measured on a GPU (bench/gpu_check.sh).
-- "batched": all layers at once in a fixed number of kernels, whatever the layer count: the |S| of all layers in
-  one flat buffer; per-layer thresholds by a two-pass radix select (a histogram over (layer, high 16 bits of |S|),
-  then one over the low 16 bits within the chosen bucket), which gives each layer's n_keep-th largest |S|
-  exactly; ties at the threshold kept in lower-flat-index order through one cumulative sum; alpha by one
-  segmented sum; W_eff by one elementwise pass. Integer histograms and the segmented sum are deterministic.
-  Measured on an H200 (bench/results/h200-2026-11-29) it is SLOWER than layerwise for WideResNet-50-2 (62 vs
-  22-35 ms): its histograms are atomic adds that collide on the few buckets the scores of a layer occupy. A
-  fused kernel (per-block shared-memory histograms) is the way to make one pass of this method cheap.
+- "batched": all layers at once in a fixed number of kernels, whatever the layer count (radix.py): the scores of
+  all layers in one flat buffer cut into chunks; per-layer thresholds by a four-pass 8-bit radix select whose
+  digit counts are made per chunk; ties at the threshold kept in lower-flat-index order; alpha from per-chunk
+  float64 sums. On CUDA the per-chunk passes are Triton kernels (radix_triton.py), one launch a pass; elsewhere
+  torch operations. float32 layers (other dtypes: layerwise). The first version of this method counted digits
+  with global atomic adds and was measured SLOWER than layerwise on an H200 for WideResNet-50-2 (62 vs 22-35 ms,
+  bench/results/h200-2026-11-29): the atomics collide on the few buckets a layer's scores occupy. The Triton
+  kernels count in registers per chunk instead; not yet measured on a GPU (bench/gpu_check.sh).
 
 Either way the semantics are SPEC.md's and layers.py's: the kept count n_keep, ties to the lower flat index,
 alpha = sum(|W| M) / n_keep (accumulated in float64), and the gradient dL/dS = dL/dW_eff * W * sign(S), per
@@ -31,10 +31,7 @@ import torch
 from torch import nn
 
 from biprop_hpc.nn.layers import BipropMixin, binary_masked_weight, score_gradient
-
-RADIX_BITS = 16
-BUCKETS = 1 << RADIX_BITS
-
+from biprop_hpc.nn.radix import ChunkLayout, masked_weights
 
 class _StraightThrough(torch.autograd.Function):
     """Returns the given W_eff; backward dL/dS = g * W * sign(S); nothing to W."""
@@ -48,67 +45,6 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad_output):
         scores, weight = ctx.saved_tensors
         return score_gradient(grad_output, scores, weight), None, None
-
-
-class _Segments:
-    """Constant per-device layout of the flat buffer: the layer of every element, sizes, first and last index."""
-
-    def __init__(self, numels: list[int], device: torch.device):
-        sizes = torch.tensor(numels, dtype=torch.int64)
-        ends = torch.cumsum(sizes, 0)
-        self.numels = numels
-        self.first = (ends - sizes).to(device)
-        self.last = (ends - 1).to(device)
-        self.layer_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), sizes).to(device)
-
-
-def _histogram(index: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts of each value of an int32 index in [0, bins); integer atomics (deterministic), and unlike
-    torch.bincount no read of the maximum back to the host."""
-    counts = torch.zeros(bins, dtype=torch.int32, device=index.device)
-    return counts.index_add_(0, index, torch.ones(1, dtype=torch.int32, device=index.device).expand(len(index)))
-
-
-def _take(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    return rows.gather(1, columns[:, None]).squeeze(1)
-
-
-def segmented_top_masks(magnitude: torch.Tensor, segments: _Segments, n_keep: torch.Tensor) -> torch.Tensor:
-    """Boolean mask over a flat buffer of non-negative float32 values cut into segments: in each segment the
-    n_keep[l] largest values, ties at the threshold to the lower index. A fixed number of kernels, no sync."""
-    layers = len(segments.numels)
-    n_keep = n_keep.to(torch.int32)
-    bits = magnitude.contiguous().view(torch.int32)          # non-negative floats sort like their bits
-    layer = segments.layer_of
-    # Pass 1: per layer, the bucket of high bits holding the n_keep-th largest value, and how many lie above it.
-    high = bits >> RADIX_BITS
-    hist = _histogram(layer * BUCKETS + high, layers * BUCKETS).view(layers, BUCKETS)
-    from_top = hist.flip(1).cumsum(1, dtype=torch.int32)
-    position = (from_top < n_keep[:, None]).sum(1)           # buckets (from the top) kept entirely
-    bucket = BUCKETS - 1 - position
-    above = _take(from_top, position) - _take(hist, bucket)
-    # Pass 2: the low bits of the n_keep-th largest value, among the values of that bucket only.
-    in_bucket = high == bucket.to(torch.int32)[layer]
-    spare = layers * BUCKETS                                  # values outside the bucket are counted here
-    index = torch.where(in_bucket, layer * BUCKETS + (bits & (BUCKETS - 1)), spare)
-    hist = _histogram(index, spare + 1)[:-1].view(layers, BUCKETS)
-    from_top = hist.flip(1).cumsum(1, dtype=torch.int32)
-    position = (from_top < (n_keep - above)[:, None]).sum(1)
-    low = BUCKETS - 1 - position
-    above = above + _take(from_top, position) - _take(hist, low)
-    limit = ((bucket << RADIX_BITS) | low).to(torch.int32)[layer]   # each element's layer threshold, as bits
-    tied = bits == limit
-    # Ties kept in lower-index order: their rank within the layer, from one cumulative sum over the buffer.
-    rank = torch.cumsum(tied, 0, dtype=torch.int32)
-    before = torch.where(segments.first > 0, rank[(segments.first - 1).clamp(min=0)], 0)
-    return (bits > limit) | (tied & (rank - before[layer] <= (n_keep - above)[layer]))
-
-
-def segment_sums(values: torch.Tensor, segments: _Segments) -> torch.Tensor:
-    """Per-segment sums, accumulated in float64 (deterministic; alpha rounds the same as layers.py's)."""
-    running = torch.cumsum(values, 0, dtype=torch.float64)
-    before = torch.where(segments.first > 0, running[(segments.first - 1).clamp(min=0)], 0.0)
-    return running[segments.last] - before
 
 
 class _GraphedLayers:
@@ -165,7 +101,7 @@ class MaskEngine:
             raise ValueError(f"mask engine method must be one of {self.METHODS}, got {method!r}")
         self.layers = [m for m in model.modules() if isinstance(m, BipropMixin)]
         self.method = method         # auto: layerwise (measured faster; see the module docstring)
-        self._segments: dict = {}
+        self._layout: ChunkLayout | None = None    # the batched method's chunks, for the current layers
         self._n_keep_cache: tuple = (None, None)   # (device, kept counts) -> the counts on that device
         self._graphed: _GraphedLayers | None = None
         self._owns = False           # the layers' current weights were set by this engine for one forward
@@ -180,6 +116,9 @@ class MaskEngine:
             return self.batched_effective_weights()
         if self.method == "graphed" and self.layers[0].weight.is_cuda:
             return self.graphed_effective_weights()
+        return self.layerwise_effective_weights()
+
+    def layerwise_effective_weights(self) -> list[torch.Tensor]:
         return [binary_masked_weight(l.scores, l.weight, l.n_keep) for l in self.layers]
 
     @torch.no_grad()
@@ -198,25 +137,19 @@ class MaskEngine:
 
     @torch.no_grad()
     def batched_effective_weights(self) -> list[torch.Tensor]:
-        """All layers at once in a fixed number of kernels (on any device)."""
-        scores = [l.scores for l in self.layers]
+        """All layers at once in a fixed number of kernels (radix.py; float32 layers, else layerwise)."""
         weights = [l.weight for l in self.layers]
-        device = scores[0].device
-        segments = self._layout(device)
-        n_keep = self._n_keep(device)
-        magnitude = torch.cat([s.detach().reshape(-1) for s in scores]).abs_()
-        mask = segmented_top_masks(magnitude, segments, n_keep)
-        flat_weight = torch.cat([w.reshape(-1) for w in weights])
-        alpha = (segment_sums(torch.where(mask, flat_weight.abs(), 0.0), segments) / n_keep).to(flat_weight.dtype)
-        flat = torch.sign(flat_weight).mul_(alpha[segments.layer_of]).mul_(mask)
-        return [part.view_as(w) for part, w in zip(flat.split(segments.numels), weights)]
-
-    def _layout(self, device: torch.device) -> _Segments:
-        numels = [l.weight.numel() for l in self.layers]
-        key = (device, tuple(numels))
-        if key not in self._segments:
-            self._segments = {key: _Segments(numels, device)}
-        return self._segments[key]
+        if any(w.dtype != torch.float32 or l.scores.dtype != torch.float32 for w, l in zip(weights, self.layers)):
+            return self.layerwise_effective_weights()
+        device = weights[0].device
+        numels = [w.numel() for w in weights]
+        if self._layout is None or (self._layout.numels, self._layout.start.device) != (numels, device):
+            self._layout = ChunkLayout(numels, device)
+        flat = masked_weights(torch.cat([l.scores.detach().reshape(-1) for l in self.layers]),
+                              torch.cat([w.reshape(-1) for w in weights]), self._layout, self._n_keep(device))
+        # in each weight's memory format (channels_last stays channels_last), as the other methods give them
+        return [part.view(w.shape) if w.is_contiguous() else torch.empty_like(w).copy_(part.view(w.shape))
+                for part, w in zip(flat.split(numels), weights)]
 
     def _n_keep(self, device: torch.device) -> torch.Tensor:
         counts = tuple(l.n_keep for l in self.layers)     # keep ratios may change between forwards
