@@ -33,6 +33,7 @@ from torch import nn
 from biprop_hpc.nn.layers import BipropMixin, binary_masked_weight, score_gradient
 from biprop_hpc.nn.radix import ChunkLayout, masked_weights
 
+
 class _StraightThrough(torch.autograd.Function):
     """Returns the given W_eff; backward dL/dS = g * W * sign(S); nothing to W."""
 

@@ -122,7 +122,7 @@ class TorchKernels:
         return torch.sign(weight).mul_(alpha[layout.layer][layout.chunk_of]).mul_(kept)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_kernels():
     """radix_triton's kernels where Triton can be imported, else None (then the torch kernels run on CUDA too)."""
     try:
@@ -157,8 +157,8 @@ def masked_weights(scores: torch.Tensor, weight: torch.Tensor, layout: ChunkLayo
         prefix = prefix | (digit << shift).to(torch.int32)
     # The last pass counted, per chunk, the keys equal to the threshold: the ties before each chunk in its layer.
     ties = counts.gather(1, digit[layout.layer][:, None]).squeeze(1).long()
-    through = torch.cumsum(ties, 0)
-    ties_before = through - ties - (through - ties)[layout.first_chunk][layout.layer]
+    before = torch.cumsum(ties, 0) - ties               # ties before each chunk in the whole buffer
+    ties_before = before - before[layout.first_chunk][layout.layer]
     kept_sum = layout.per_layer_sum(kernels.kept_magnitudes(keys, weight, layout, prefix, need, ties_before),
                                     torch.float64)
     alpha = (kept_sum / n_keep).to(weight.dtype)
