@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from biprop_hpc.data.build import IMAGE_TREE_DATASETS, LOADERS
 from biprop_hpc.data.datasets import DATASETS
 from biprop_hpc.models.builder import EDGE_LAYER_TYPES, LAYER_TYPES
-from biprop_hpc.nn.init import WEIGHT_INITS
+from biprop_hpc.nn.init import FAN_SCALES, WEIGHT_INITS
 
 # Old names accepted for compatibility with the original code: name -> key.
 # `prune_rate` was the original's name for the fraction of weights KEPT (not pruned).
@@ -29,6 +30,7 @@ CHOICES = {
     "optimizer": ("sgd", "adam"),
     "lr_schedule": ("cosine", "warmup_cosine", "multistep", "constant"),
     "weight_init": tuple(WEIGHT_INITS),
+    "fan_scale": FAN_SCALES,
     "layer_type": LAYER_TYPES,
     "first_layer": EDGE_LAYER_TYPES,
     "last_layer": EDGE_LAYER_TYPES,
@@ -37,6 +39,16 @@ CHOICES = {
     "loader": LOADERS,
     "dataset": tuple(DATASETS) + IMAGE_TREE_DATASETS,
 }
+
+
+# Keys that say where and how a run executes, not what it computes: every other key changes a run's results,
+# so two runs that differ in any other key never share a run directory, and a resume refuses a change of one.
+# (device and channels_last change results at most by floating-point rounding; loader at most by its
+# resampling filter: the sample plan and augmentation parameters are the same for every loader. config_name is
+# not one: it names what was run, and is part of the run's path anyway.)
+EXECUTION_KEYS = ("name", "out", "device", "threads", "save_every", "resume", "new_name",
+                  "log_interval", "data", "loader", "loader_workers", "eval_batch_size", "channels_last",
+                  "paper_top1")
 
 
 class ConfigError(ValueError):
@@ -81,6 +93,9 @@ class Config:
     layer_type: str = "biprop"     # biprop: search a ticket; dense: train the same network's weights
     keep_ratio: float = 0.5        # fraction of each layer's weights KEPT (alias: prune_rate)
     weight_init: str = "kn"
+    # what kn/sc/uc multiply the fan by: kept_fraction (k, our correction) | pruned_fraction (1 - k, the
+    # original's formula, in the paper configs) | none; ukn/usc/uuc always use the plain fan
+    fan_scale: str = "kept_fraction"
     first_layer: str = "biprop"    # biprop | trained (dense, learned) | frozen (dense, random)
     last_layer: str = "biprop"
     learn_batchnorm: bool = False  # learn BN affine parameters (the paper's "+BN")
@@ -89,7 +104,8 @@ class Config:
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 1e-4     # applied to the scores (and BN affine / dense weights when learned)
+    weight_decay: float = 1e-4     # applied to the scores and learned dense weights; to BN affine (1-D) ones only
+    bn_weight_decay: bool = False  # with bn_weight_decay (the original's SGD did so); false: 1-D params exempt
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_schedule: str = "cosine"
     warmup_epochs: int = 0
@@ -112,6 +128,11 @@ class Config:
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ConfigError(f"keep_ratio: {self.keep_ratio} must be in (0, 1]; it is the fraction of "
                               "weights KEPT (the original's prune_rate means the same), e.g. --keep-ratio 0.5")
+        if (self.fan_scale == "pruned_fraction" and self.keep_ratio == 1.0 and self.layer_type == "biprop"
+                and WEIGHT_INITS[self.weight_init][1]):
+            raise ConfigError(f"fan_scale pruned_fraction scales the fan of {self.weight_init} by 1 - keep_ratio, "
+                              "which is 0 at keep_ratio 1: use --fan-scale kept_fraction or none, or a keep "
+                              "ratio below 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -150,6 +171,41 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict, origin: str = "config") -> "Config":
         return cls(**_checked(values, origin)).validate()
+
+
+# A run name (and a config's name) is one directory of the run's path, also inside job scripts and file names.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*")
+
+
+def check_path_component(key: str, value: str) -> None:
+    if value and not SAFE_NAME.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not a valid run directory name: use one path component of letters, "
+                          "digits and . _ = + , - starting with a letter or digit (no '/', spaces or newlines); "
+                          "put a directory into --out instead, e.g. --out runs/exp --name seed0")
+
+
+def result_differences(stored: dict, requested: "Config") -> list[tuple[str, object, object]]:
+    """(key, stored value, requested value) for every result-changing key whose values differ.
+
+    `stored` is the config dict a checkpoint or archive holds; keys it lacks (written by an older version)
+    take their defaults, which always mean what that version did. The batch size is compared as the global
+    batch (batch_size x ranks x backward_passes_per_step) by the caller, which knows the ranks.
+    """
+    known = {key: value for key, value in stored.items() if key in FIELDS}
+    then = Config(**_checked({**known, "name": known.get("name") or "x"}, "stored config"))
+    return [(key, getattr(then, key), getattr(requested, key)) for key in FIELDS
+            if key not in EXECUTION_KEYS and key not in GLOBAL_BATCH_KEYS
+            and getattr(then, key) != getattr(requested, key)]
+
+
+def describe_differences(differences: list[tuple[str, object, object]]) -> str:
+    """`lr 0.1 -> 0.01, weight_decay 0.0001 -> 0.0`: stored value first."""
+    return ", ".join(f"{key} {old!r} -> {new!r}" if isinstance(old, str) and key in FIELDS
+                     else f"{key} {old} -> {new}" for key, old, new in differences)
+
+
+# Together they make the global batch, which is what changes results: each may change if the product does not.
+GLOBAL_BATCH_KEYS = ("batch_size", "backward_passes_per_step")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -242,7 +298,10 @@ def build_config(config_path: str | None, overrides: dict) -> Config:
     values.setdefault("config_name", "default")
     if not values.get("name"):
         values["name"] = f"seed{values.get('seed', 0)}"
-    return Config.from_dict(values)
+    cfg = Config.from_dict(values)
+    for key in ("name", "config_name"):  # checked for new runs only: stored configs are read as they are
+        check_path_component(key, getattr(cfg, key))
+    return cfg
 
 
 def unknown_flag_error(flag: str) -> str:

@@ -22,11 +22,30 @@ LAUNCHER_SIZE_VARS = (
 )
 
 
+# Variables of launchers this package does not support (torchrun / torch.distributed.launch and others that
+# follow torch's env:// convention): their ranks would each run a world of size 1, all writing one run.
+FOREIGN_LAUNCHER_VARS = ("WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+SUPPORTED_LAUNCHERS = "mpirun (Open MPI), srun --mpi=pmix (SLURM), jsrun (LSF), horovodrun, or flux run/submit"
+
+
+class LauncherError(ValueError):
+    """The process was started by a launcher whose ranks this package cannot join into one run."""
+
+
 def detect_launcher(environ=os.environ) -> tuple[str, int]:
-    """(launcher name, number of ranks) from the environment; ("none", 1) for a plain process."""
+    """(launcher name, number of ranks) from the environment; ("none", 1) for a plain process.
+
+    LauncherError when a launcher this package does not know started it: torchrun's variables (or
+    WORLD_SIZE > 1) without the variables of a supported one.
+    """
     for launcher, variable in LAUNCHER_SIZE_VARS:
         if environ.get(variable, "").isdigit() and int(environ[variable]) > 1:
             return launcher, int(environ[variable])
+    foreign = [v for v in FOREIGN_LAUNCHER_VARS if environ.get(v)]
+    if foreign and (environ.get("WORLD_SIZE", "1") != "1" or "TORCHELASTIC_RUN_ID" in foreign):
+        raise LauncherError(f"started by a launcher biprop-hpc does not support ({', '.join(foreign)} set, as "
+                            f"torchrun sets them): its ranks would not form one run. Use {SUPPORTED_LAUNCHERS}, "
+                            "e.g. mpirun -np 2 biprop train ...; or start one process without a launcher")
     return "none", 1
 
 
@@ -35,7 +54,13 @@ JOB_ID_VARS = ("SLURM_JOB_ID", "LSB_JOBID", "FLUX_JOB_ID")
 
 
 def scheduler_job_id(environ=os.environ) -> str:
-    """The scheduler's id of the job this process runs in ("" outside a batch job); array jobs as ID_TASK."""
+    """The scheduler's id of the job this process runs in ("" outside a batch job); array jobs as ID_TASK.
+
+    BIPROP_JOB_ID comes first: the job scripts (jobs/*.sh.j2) export the batch job's id as `biprop jobs`
+    records it; under Flux the ranks' own FLUX_JOB_ID is that of the job the batch script started inside it.
+    """
+    if environ.get("BIPROP_JOB_ID"):
+        return environ["BIPROP_JOB_ID"]
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
     if environ.get("LSB_JOBID") and environ.get("LSB_JOBINDEX", "0") != "0":

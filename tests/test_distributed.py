@@ -168,13 +168,14 @@ def test_without_sync_batchnorm_two_ranks_differ_from_one_process(tmp_path, tiny
 
 def test_two_rank_resume_from_an_epoch_boundary_is_exact(tmp_path, tiny_idx_dir):
     worker("mpirun", 2, "train", tmp_path / "whole", tiny_idx_dir, *BN_MODEL, "epochs=3")
-    worker("mpirun", 2, "train", tmp_path / "split", tiny_idx_dir, *BN_MODEL, "epochs=1")
-    record = read_archive(next((tmp_path / "split").rglob("archive.h5")))
-    assert record.attrs["status"] == "completed"
-    refused = launch("mpirun", 2, WORKER, "train", str(tmp_path / "split"), str(tiny_idx_dir), *BN_MODEL, "epochs=3",
-                     "resume=auto")
-    assert refused.returncode != 0 and "holds a completed run of 1 epochs" in refused.stderr  # never extended
+    # A stop request at global step 10, the last of epoch 1 (320 samples / (16 x 2)): an end-of-epoch checkpoint.
+    worker("mpirun", 2, "train", tmp_path / "split", tiny_idx_dir, *BN_MODEL, "epochs=3", "stop_at=10:0",
+           returncode=75)
     archive = next((tmp_path / "split").rglob("archive.h5"))
+    assert read_archive(archive).attrs["status"] == "checkpointed"
+    refused = launch("mpirun", 2, WORKER, "train", str(tmp_path / "split"), str(tiny_idx_dir), *BN_MODEL, "epochs=5",
+                     "resume=auto")
+    assert refused.returncode != 0 and "with other settings: epochs 3 -> 5" in refused.stderr  # never extended
     last = archive.parent / "checkpoints/last.pt"
     checkpoint = torch.load(last, weights_only=False)
     archive.unlink()  # as if the first job had been killed right after writing its last checkpoint
@@ -182,7 +183,7 @@ def test_two_rank_resume_from_an_epoch_boundary_is_exact(tmp_path, tiny_idx_dir)
     whole, resumed = models(tmp_path / "whole", 2), models(tmp_path / "split", 2)
     assert_same_models(resumed[0], resumed[1])
     assert_same_models(resumed[0], whole[0])
-    assert checkpoint["state"]["epoch"] == 1
+    assert (checkpoint["state"]["epoch"], checkpoint["state"]["step"]) == (1, 0)
 
 
 @pytest.mark.parametrize("stopping_rank", [0, 1])

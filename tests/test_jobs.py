@@ -4,19 +4,26 @@ The same scripts under a real one-node Slurm cluster: test_jobs_slurm.py."""
 import argparse
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from biprop_hpc.archive import METRICS, RunRecord, write_archive
-from biprop_hpc.config import ConfigError
+from biprop_hpc.archive import METRICS, RunRecord, read_archive, write_archive
+from biprop_hpc.config import ConfigError, build_config
+from biprop_hpc.dist import scheduler_job_id
 from biprop_hpc.jobs import add_jobs_commands
 from biprop_hpc.jobs.resources import Resources, parse_time
 from biprop_hpc.jobs.schedulers import SCHEDULERS, index_ranges
+from biprop_hpc.jobs.status import latest_job_ids
+from biprop_hpc.train.checkpoint import load_checkpoint
+from biprop_hpc.train.stopping import DEADLINE_REASON, StopRequests
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fashion-mnist" / "conv2_mpt1-32.yaml"
@@ -140,9 +147,10 @@ def test_sweep_combinations_each_get_a_run_directory(tmp_path):
     runs = manifest["runs"]
     assert [run["index"] for run in runs] == [1, 2, 3, 4, 5, 6]
     assert [Path(run["run_dir"]).relative_to(tmp_path / "runs").as_posix() for run in runs] == [
-        f"conv2_mpt1-{kind}/keep={k}/seed0" for kind in ("1", "32") for k in ("0.5", "0.2", "0.1")]
+        f"conv2_mpt1-{kind}/keep={k}/seed0_augment=false_epochs=3" for kind in ("1", "32") for k in ("0.5", "0.2", "0.1")]
     assert runs[4]["args"] == ["--config", str(REPO / "configs/fashion-mnist/conv2_mpt1-32.yaml"),
-                               "--out", str(tmp_path / "runs"), "--no-augment", "--epochs", "3", "--keep-ratio", "0.2"]
+                               "--out", str(tmp_path / "runs"), "--no-augment", "--epochs", "3", "--keep-ratio", "0.2",
+                               "--name", "seed0_augment=false_epochs=3"]
     assert manifest["submissions"] == [] and manifest["scheduler"] == "slurm"
 
 
@@ -151,9 +159,31 @@ def test_sweeping_a_key_outside_the_run_path_names_the_runs(tmp_path):
          "--sweep", "lr=0.1,0.05", "--sweep", "milestones=3 6,4 8", cwd=tmp_path)
     runs = json.loads((tmp_path / "sweeps" / "lr" / "manifest.json").read_text())["runs"]
     assert [Path(run["run_dir"]).name for run in runs] == [
-        "seed0_lr=0.1_milestones=3 6", "seed0_lr=0.1_milestones=4 8",
-        "seed0_lr=0.05_milestones=3 6", "seed0_lr=0.05_milestones=4 8"]
-    assert runs[1]["args"][4:] == ["--lr", "0.1", "--milestones", "4", "8", "--name", "seed0_lr=0.1_milestones=4 8"]
+        "seed0_lr=0.1_milestones=3,6", "seed0_lr=0.1_milestones=4,8",
+        "seed0_lr=0.05_milestones=3,6", "seed0_lr=0.05_milestones=4,8"]
+    assert runs[1]["args"][4:] == ["--lr", "0.1", "--milestones", "4", "8", "--name", "seed0_lr=0.1_milestones=4,8"]
+
+
+def test_fixed_overrides_that_change_results_are_part_of_the_run_name(tmp_path):
+    """The review's clash: two sweeps over keep ratios, one with --lr 0.1 and one with --lr 0.01, both listed
+    .../keep=0.5/seed0. Keys that only say how a run executes (data, threads, device, ...) stay out of names;
+    equal values written differently (0.10, 0.1) give one name; a path value is named by a digest."""
+    def run_dirs(name, *extra):
+        jobs("render", "--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", tmp_path, "--job-name",
+             name, "--data", tmp_path / "some data", "--threads", "2", "--device", "cpu", *extra, cwd=tmp_path)
+        manifest = json.loads((tmp_path / "sweeps" / name / "manifest.json").read_text())
+        return [Path(run["run_dir"]).relative_to(tmp_path).as_posix() for run in manifest["runs"]]
+
+    first = run_dirs("a", "--sweep", "keep_ratio=0.5,0.2", "--lr", "0.1")
+    second = run_dirs("b", "--sweep", "keep_ratio=0.5,0.1", "--lr", "0.01")
+    assert first == ["conv2_mpt1-32/keep=0.5/seed0_lr=0.1", "conv2_mpt1-32/keep=0.2/seed0_lr=0.1"]
+    assert second == ["conv2_mpt1-32/keep=0.5/seed0_lr=0.01", "conv2_mpt1-32/keep=0.1/seed0_lr=0.01"]
+    assert run_dirs("c", "--lr", "0.10", "--seed", "3") == ["conv2_mpt1-32/keep=0.5/seed3_lr=0.1"]
+    assert run_dirs("d", "--name", "exp", "--sweep", "seed=1,2") == ["conv2_mpt1-32/keep=0.5/exp_seed=1",
+                                                                     "conv2_mpt1-32/keep=0.5/exp_seed=2"]
+    [digest] = run_dirs("e", "--pretrained", tmp_path / "a model.pt")
+    assert re.fullmatch(r"conv2_mpt1-32/keep=0.5/seed0_pretrained=[0-9a-f]{10}", digest)
+    assert run_dirs("f") == ["conv2_mpt1-32/keep=0.5/seed0"]
 
 
 def test_configs_with_one_name_in_two_folders_are_refused(tmp_path):
@@ -211,10 +241,101 @@ def test_lsf_script(tmp_path):
 def test_flux_script(tmp_path):
     script = render("flux", tmp_path, *BIG_JOB, "--sweep", "keep_ratio=0.5,0.2,0.1", "--time", "1-00:00:30")
     bash_n(script)
+    # No --signal: a broker of rank > 0 would shut down on it (see the template); the ranks keep a deadline.
     assert directives(script, "# flux:") == [
         "--job-name=job", "-N 2", "-n 8", "-g 1", "-c 10", "-t 86430s", "-q pbatch", "-B bank1",
-        "--signal=USR1@300s", f"--output={script.parent}/logs/run{{cc}}_job{{{{id}}}}.out"]
+        f"--output={script.parent}/logs/run{{cc}}_job{{{{id}}}}.out"]
     assert "flux submit -N 2 -n 8 -g 1 -c 10 -o exit-timeout=60s \\\n" in script.read_text()
+
+
+def sbatch_words(line: str) -> list[str]:
+    """The words sbatch reads from an #SBATCH line, as _get_argument in SchedMD/slurm src/sbatch/opt.c reads
+    them: ' or " quote, a backslash takes the next character as it is, an unquoted # ends the line; an
+    unmatched quote is fatal."""
+    words, i = [], 0
+    while True:
+        while i < len(line) and line[i].isspace():
+            i += 1
+        if i == len(line):
+            return words
+        word, quote, escaped = "", "", False
+        while i < len(line) and (quote or not line[i].isspace()):
+            char, i = line[i], i + 1
+            if escaped:
+                word, escaped = word + char, False
+            elif char == "\\":
+                escaped = True
+            elif quote:
+                quote, word = ("", word) if char == quote else (quote, word + char)
+            elif char in "\"'":
+                quote = char
+            elif char == "#":
+                return words + [word] if word else words
+            else:
+                word += char
+        assert not quote, f"sbatch: unmatched {quote} in {line!r}"
+        words.append(word)
+
+
+def flux_directive_words(line: str) -> list[str]:
+    """The words `flux batch` reads from a `# flux:` line (Directive in flux-core
+    src/bindings/python/flux/job/directives.py)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.escapedquotes = "\"'"
+    return list(lexer)
+
+
+# bsub's parser is not public; IBM's documentation quotes #BSUB values as a shell would (#BSUB -R "span[hosts=1]").
+PARSERS = {"slurm": ("#SBATCH", sbatch_words), "lsf": ("#BSUB", shlex.split), "flux": ("# flux:", flux_directive_words)}
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "lsf", "flux"])
+def test_paths_with_spaces_survive_directives_and_commands(tmp_path, scheduler):
+    where = tmp_path / "my work"
+    where.mkdir()
+    site_env = where / "site env.sh"
+    site_env.write_text('echo "site env sourced" >> "$CALLS"\n')
+    script = render(scheduler, where, "--time", "1h", "--site-env", site_env, "--sweep", "keep_ratio=0.5,0.2")
+    assert script.parent == where / "runs" / "sweeps" / "job"
+    bash_n(script)
+    prefix, words = PARSERS[scheduler]
+    parsed = [words(line) for line in directives(script, prefix)]
+    logs = f"{script.parent}/logs"
+    wanted = {"slurm": [f"--output={logs}/run%a_job%A.out"], "lsf": ["-o", f"{logs}/run%I_job%J.out"],
+              "flux": [f"--output={logs}/run{{cc}}_job{{{{id}}}}.out"]}[scheduler]
+    assert wanted in parsed, parsed
+    # Each argument on its own line shows where the words of a command begin and end.
+    args = 'printf "%s\\n" "$PWD" "$@" > "$CALLS.args"'
+    env = fake_bin(tmp_path, {"srun": f"{args}; exit 75", "scontrol": "exit 0", "squeue": "exit 1",
+                              "jsrun": f"{args}; exit 75", "brequeue": "exit 0", "bjobs": "exit 1",
+                              "flux": FAKE_FLUX.replace('"--parent batch") echo fNEXT',
+                                                        f'"--parent batch") {args}; echo fNEXT')})
+    variables = {"slurm": dict(SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="2", SLURM_JOB_ID="7"),
+                 "lsf": dict(LSB_JOBID="77", LSB_JOBINDEX="2"), "flux": {}}[scheduler]
+    if scheduler == "flux":
+        env = flux_batch_environment(env, "ƒ7", FLUX_JOB_CC="2", RC="75")
+    done = run_script(script, env, **variables)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls(tmp_path)[0] == "site env sourced"
+    recorded = Path(f"{tmp_path}/calls.args").read_text().splitlines()
+    if scheduler == "flux":  # the continuation: its log and the script are one word each
+        assert recorded[-2:] == [f"--output={logs}/run2_job{{{{id}}}}.out", str(script)]
+        assert (script.parent / "continuations.txt").read_text().startswith("2 fNEXT ")
+    else:  # the ranks: the working directory and `biprop train ... --out DIR`
+        assert recorded[0] == str(where)
+        assert recorded[recorded.index("--out") + 1] == f"{where}/runs"
+    if scheduler == "lsf":
+        assert (script.parent / "restarts" / "77.2").read_text().strip() == "1"
+
+
+@pytest.mark.parametrize("bad, message", [("a\nb", "a line break cannot be written into a job script"),
+                                          ('say "hi"', "cannot hold a double quote or a backslash"),
+                                          ("back\\slash", "cannot hold a double quote or a backslash")])
+def test_paths_a_script_cannot_hold_are_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        render("slurm", tmp_path, "--time", "1h", "--out", tmp_path / bad)
+    assert not list(tmp_path.rglob("job.sh"))
 
 
 # --- restart logic, with the scheduler's commands faked --------------------------------------------------
@@ -268,50 +389,160 @@ def test_lsf_warning_signal_reaches_jsrun_and_requeues(tmp_path):
     assert calls(tmp_path)[1:] == ["jsrun got USR1", "brequeue 78"], output
 
 
+# The job's end as the scripts read it: `squeue -h -j ID -o %e` prints the expected end in local time, ISO
+# without a zone (squeue(1) %e; the real Slurm test checks the script reads it); SLURM_JOB_END_TIME (Slurm 23.02+)
+# holds unix seconds. `bjobs -noheader -o time_left` prints the time left as "H:MM L" (IBM LSF bjobs -WL).
+@pytest.mark.parametrize("scheduler", ["slurm", "lsf"])
+def test_scripts_give_the_ranks_the_batch_job_id_and_a_deadline(tmp_path, scheduler):
+    script = render(scheduler, tmp_path, "--time", "2h", "--sweep", "keep_ratio=0.5,0.2")
+    record = 'echo "ranks BIPROP_JOB_ID=$BIPROP_JOB_ID BIPROP_STOP_AT=${BIPROP_STOP_AT:-}" >> "$CALLS"; exit 0'
+    if scheduler == "slurm":
+        env = fake_bin(tmp_path, {"srun": record, "squeue": 'echo "$SQUEUE_END"', "scontrol": "exit 0"})
+        job = dict(SLURM_ARRAY_JOB_ID="5", SLURM_ARRAY_TASK_ID="2", SLURM_JOB_ID="7", SQUEUE_END="2031-01-02T03:04:05")
+        expected = int(datetime(2031, 1, 2, 3, 4, 5).timestamp()) - 300
+        assert run_script(script, env, **job).returncode == 0
+        assert calls(tmp_path)[0] == "squeue -h -j 7 -o %e"
+        assert ranks(tmp_path) == [f"ranks BIPROP_JOB_ID=5_2 BIPROP_STOP_AT={expected}"]
+        assert run_script(script, env, SLURM_JOB_END_TIME="2000000000", **job).returncode == 0
+        assert ranks(tmp_path)[-1] == f"ranks BIPROP_JOB_ID=5_2 BIPROP_STOP_AT={2000000000 - 300}"
+        job["SQUEUE_END"] = "N/A"
+    else:
+        env = fake_bin(tmp_path, {"jsrun": record, "bjobs": 'echo "$TIME_LEFT"'})
+        job = dict(LSB_JOBID="77", LSB_JOBINDEX="2", TIME_LEFT="1:05 L")
+        before = time.time()
+        assert run_script(script, env, **job).returncode == 0
+        assert calls(tmp_path)[0] == "bjobs -noheader -o time_left 77[2]"
+        stop_at = int(ranks(tmp_path)[0].rpartition("=")[2])
+        assert ranks(tmp_path) == [f"ranks BIPROP_JOB_ID=77[2] BIPROP_STOP_AT={stop_at}"]
+        assert before + 3900 - 300 - 1 <= stop_at <= time.time() + 3900 - 300
+        job["TIME_LEFT"] = ""
+    # A deadline the scheduler does not confirm is dropped, even one left in the environment.
+    assert run_script(script, env, BIPROP_STOP_AT="1", **job).returncode == 0
+    assert ranks(tmp_path)[-1].endswith("BIPROP_STOP_AT="), calls(tmp_path)
+
+
+def ranks(tmp_path: Path) -> list[str]:
+    return [line for line in calls(tmp_path) if line.startswith("ranks ")]
+
+
+# `flux` as a batch script meets it, from flux-core's source and documentation (flux-framework/flux-core):
+# - a command reaches its instance through FLUX_URI, which the broker sets for its initial program
+#   (src/broker/runat.c runat_command_modenv); without it there is nothing to connect to.
+# - `flux getattr jobid`: the batch job's id in the enclosing instance, F58 (doc/man7/flux-broker-attributes.rst
+#   "jobid", taken from the PMI kvsname that src/shell/pmi/pmi.c encodes as f58).
+# - `flux job timeleft`: the whole seconds left to the instance, 4294967295 without a limit
+#   (src/cmd/job/timeleft.c; src/common/libjob/job.c flux_job_timeleft asks the instance's R without FLUX_JOB_ID).
+# - `flux submit` prints the new job's id; the job gets the submitter's environment (flux-submit(1) --env).
+# - `flux job attach ID` exits with the job's exit code; it handles only SIGINT and SIGTSTP
+#   (src/cmd/job/attach.c attach_signal_cb), so any other signal ends it (bash's default does the same here).
+# - `flux job kill --signal=SIG ID` signals the job's tasks (src/shell/kill.c).
+# - `flux --parent batch ...` submits to the enclosing instance and prints the id (doc/man1/flux-batch.rst).
 FAKE_FLUX = """\
+[[ -n ${FLUX_URI:-} ]] || { echo "flux: flux_open: No such file or directory" >&2; exit 1; }
 case "$1 $2" in
-    "submit "*) echo f42 ;;
+    "getattr jobid") [[ -n ${JOBID_ATTRIBUTE:-} ]] && echo "$JOBID_ATTRIBUTE" || exit 1 ;;
+    "job timeleft") [[ -n ${TIMELEFT:-} ]] && echo "$TIMELEFT" || exit 1 ;;
+    "submit "*) echo "step BIPROP_JOB_ID=$BIPROP_JOB_ID BIPROP_STOP_AT=${BIPROP_STOP_AT:-}" >> "$CALLS"; echo f42 ;;
     "job attach") while [[ -n ${WAIT_FOR_KILL:-} && ! -e $CALLS.killed ]]; do sleep 0.1; done; exit $RC ;;
     "job kill") touch "$CALLS.killed" ;;
     "--parent batch") echo fNEXT ;;
+    *) echo "fake flux: '$*' is not in this stand-in" >&2; exit 1 ;;
 esac"""
+# The variables flux-core removes from the environment of a broker's initial program, the batch script
+# (src/broker/runat.c env_blocklist; doc/man7/flux-environment.rst "INITIAL PROGRAM ENVIRONMENT").
+FLUX_BLOCKED = ("FLUX_JOB_ID", "FLUX_ENCLOSING_ID", "FLUX_JOB_SIZE", "FLUX_JOB_NNODES", "FLUX_JOB_TMPDIR",
+                "FLUX_TASK_RANK", "FLUX_TASK_LOCAL_ID", "FLUX_URI", "FLUX_KVS_NAMESPACE", "FLUX_PROXY_REMOTE",
+                "FLUX_PMI_LIBRARY_PATH", "I_MPI_PMI_LIBRARY")
 
 
-def test_flux_continuation_is_submitted_with_a_dependency(tmp_path):
+def flux_batch_environment(env: dict, enclosing_id: str | None, **variables) -> dict:
+    """The environment of a batch script under Flux: the job's environment (what `flux batch` copied, here
+    `env` with a FLUX_JOB_ID a login shell inside another job could have had) less the blocked variables, plus
+    FLUX_URI and, in current releases, FLUX_ENCLOSING_ID = the batch job's id as the broker has it, F58 with
+    "ƒ" (runat.c runat_command_modenv; older releases leave it unset). FLUX_JOB_CC, which `flux batch --cc`
+    puts in the job's environment (flux-environment(7)), is not blocked."""
+    job_env = {**env, "FLUX_JOB_ID": "fLOGIN", "FLUX_TASK_RANK": "0", "PMI_RANK": "0"}
+    batch = {k: v for k, v in job_env.items() if k not in FLUX_BLOCKED and not k.startswith(("PMI_", "SLURM_"))}
+    batch["FLUX_URI"] = "local:///tmp/flux-test/local-0"
+    if enclosing_id:
+        batch["FLUX_ENCLOSING_ID"] = enclosing_id
+    return {**batch, **variables}
+
+
+@pytest.mark.parametrize("release", ["current", "older"])
+def test_flux_continuation_depends_on_the_batch_jobs_own_id(tmp_path, release):
+    """The review's bug: the script used FLUX_JOB_ID, which a batch script never has, and died under set -u."""
     script = render("flux", tmp_path, "--time", "1h", "--sweep", "keep_ratio=0.5,0.2", "--max-restarts", "2")
     env = fake_bin(tmp_path, {"flux": FAKE_FLUX})
-    done = run_script(script, env, RC="75", FLUX_JOB_ID="f7", FLUX_JOB_CC="2")
+    batch = (flux_batch_environment(env, "ƒ7Ab", FLUX_JOB_CC="2") if release == "current" else
+             flux_batch_environment(env, None, JOBID_ATTRIBUTE="f7Ab", FLUX_JOB_CC="2"))
+    before = time.time()
+    done = run_script(script, batch, RC="75", TIMELEFT="3600")
     assert done.returncode == 0, done.stdout + done.stderr
     logs = script.parent / "logs"
-    assert calls(tmp_path) == [
+    step = [line for line in calls(tmp_path) if line.startswith("step ")]
+    stop_at = int(step[0].rpartition("=")[2])
+    assert step == [f"step BIPROP_JOB_ID=f7Ab BIPROP_STOP_AT={stop_at}"]
+    assert before + 3600 - 300 - 1 <= stop_at <= time.time() + 3600 - 300
+    assert [line for line in calls(tmp_path) if not line.startswith("step ")] == [
+        *(["flux getattr jobid"] if release == "older" else []),
+        "flux job timeleft",
         f"flux submit -N 1 -n 1 -g 1 -c 1 -o exit-timeout=60s {sys.executable} -m biprop_hpc train --config {CONFIG} "
         f"--out {tmp_path}/runs --keep-ratio 0.2 --resume auto",
         "flux job attach f42",
-        "flux --parent batch --dependency=afterany:f7 --env=BIPROP_INDEX=2 --env=BIPROP_RESTARTS=1 "
+        "flux --parent batch --dependency=afterany:f7Ab --env=BIPROP_INDEX=2 --env=BIPROP_RESTARTS=1 "
         f"--output={logs}/run2_job{{{{id}}}}.out {script}"]
-    assert (script.parent / "continuations.txt").read_text() == "2 fNEXT\n"
+    [line] = (script.parent / "continuations.txt").read_text().splitlines()
+    index, job_id, when = line.split()
+    assert (index, job_id) == ("2", "fNEXT") and before - 1 <= datetime.fromisoformat(when).timestamp() <= time.time()
     # the continuation's continuation is counted; the last one gives up
-    done = run_script(script, env, RC="75", FLUX_JOB_ID="fNEXT", BIPROP_INDEX="2", BIPROP_RESTARTS="2")
+    done = run_script(script, batch, RC="75", BIPROP_INDEX="2", BIPROP_RESTARTS="2")
     assert done.returncode == 75 and "all 2 restarts are used" in done.stdout
     assert calls(tmp_path)[-1] == "flux job attach f42"
     for rc in ("0", "1"):
-        assert run_script(script, env, RC=rc, FLUX_JOB_ID="f8", FLUX_JOB_CC="1").returncode == int(rc)
+        assert run_script(script, batch, RC=rc).returncode == int(rc)
     assert sum(line.startswith("flux --parent") for line in calls(tmp_path)) == 1
 
 
-def test_flux_batch_script_forwards_the_warning_to_the_ranks(tmp_path):
+def start_in_its_own_group(script: Path, env: dict) -> subprocess.Popen:
+    """The script as the leader of a process group, as the broker and its initial program are (PR #6740:
+    rc2 runs in the broker's process group, which the job shell signals with killpg)."""
+    return subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_flux_usr1_to_the_batch_job_reaches_the_ranks_and_a_continuation_follows(tmp_path):
     script = render("flux", tmp_path, "--time", "1h")
     env = fake_bin(tmp_path, {"flux": FAKE_FLUX})
-    proc = subprocess.Popen(["bash", str(script)], env={**env, "RC": "75", "WAIT_FOR_KILL": "1", "FLUX_JOB_ID": "f9"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_in_its_own_group(script, flux_batch_environment(env, "ƒ9", RC="75", WAIT_FOR_KILL="1"))
     wait_for(lambda: "flux job attach f42" in calls(tmp_path))
-    proc.send_signal(signal.SIGUSR1)
+    os.killpg(proc.pid, signal.SIGUSR1)  # `flux job kill -s USR1 <batch job>`: the script and attach get it too
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
-    assert calls(tmp_path)[2:] == ["flux job kill --signal=USR1 f42",
-                                   f"flux --parent batch --dependency=afterany:f9 --env=BIPROP_INDEX=1 "
-                                   f"--env=BIPROP_RESTARTS=1 --output={script.parent}/logs/run1_job{{{{id}}}}.out "
-                                   f"{script}"], output
+    assert calls(tmp_path)[-2:] == ["flux job kill --signal=USR1 f42",
+                                    f"flux --parent batch --dependency=afterany:f9 --env=BIPROP_INDEX=1 "
+                                    f"--env=BIPROP_RESTARTS=1 --output={script.parent}/logs/run1_job{{{{id}}}}.out "
+                                    f"{script}"], output
+
+
+@pytest.mark.parametrize("signals", [("TERM", "HUP"), ("ALRM", "HUP")], ids=["cancel", "time-limit"])
+def test_flux_cancel_or_time_limit_stops_the_ranks_without_a_continuation(tmp_path, signals):
+    """`flux cancel` sends SIGTERM, the time limit SIGALRM (src/modules/job-exec/job-exec.c jobinfo_cancel,
+    timelimit_cb) to the job shells, which pass it to the broker's process group; the broker then aborts its
+    initial program with SIGHUP (src/broker/state_machine.c state_machine_kill, runat.c abort_signal).
+    As with SLURM, where a cancelled or expired job is not requeued, no continuation follows."""
+    script = render("flux", tmp_path, "--time", "1h")
+    env = fake_bin(tmp_path, {"flux": FAKE_FLUX})
+    proc = start_in_its_own_group(script, flux_batch_environment(env, "ƒ9", RC="75", WAIT_FOR_KILL="1"))
+    wait_for(lambda: "flux job attach f42" in calls(tmp_path))
+    for name in signals:
+        os.killpg(proc.pid, getattr(signal, f"SIG{name}"))
+        time.sleep(0.3)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 75, output
+    assert calls(tmp_path)[-1] == "flux job kill --signal=TERM f42", output
+    assert f"checkpointed after SIG{signals[0]}" in output and "submit again" in output
+    assert not (script.parent / "continuations.txt").exists()
 
 
 def wait_for(condition, timeout: float = 20) -> None:
@@ -323,10 +554,12 @@ def wait_for(condition, timeout: float = 20) -> None:
 
 # --- submit, resubmit, status ------------------------------------------------------------------------------
 
-def archive(run_dir: Path, status: str, epochs_done: int, planned: int = 3, restarts: int = 0, top1=None) -> None:
+def archive(run_dir: Path, status: str, epochs_done: int, planned: int = 3, restarts: int = 0, top1=None,
+            config: dict | None = None) -> None:
     metrics = {name: [float(e + 1) for e in range(epochs_done)] for name in METRICS}
     metrics["epoch"] = list(range(1, epochs_done + 1))
-    record = RunRecord(attrs={"status": status, "epochs": planned, "config": json.dumps({"epochs": planned})},
+    config = config or {"epochs": planned}
+    record = RunRecord(attrs={"status": status, "epochs": config["epochs"], "config": json.dumps(config)},
                        metrics=metrics, final={"test_top1": top1} if top1 is not None else {},
                        restarts=[{"time": "t", "epoch": 1, "step": 5, "reason": "SIGUSR1"}] * restarts)
     write_archive(run_dir / "archive.h5", record)
@@ -344,8 +577,10 @@ def test_submit_records_job_ids_and_resubmits_only_unfinished_runs(tmp_path, mon
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["submissions"][0]["job_ids"] == {"1": "100_1", "2": "100_2", "3": "100_3", "4": "100_4"}
     runs = [Path(run["run_dir"]) for run in manifest["runs"]]
-    archive(runs[0], "completed", 3, top1=84.43)   # done
-    archive(runs[1], "running", 1)                 # killed: the scheduler has forgotten it
+    settings = [build_config(str(CONFIG), {"keep_ratio": k, "out": str(tmp_path / "runs")}).to_dict()
+                for k in (0.5, 0.2)]
+    archive(runs[0], "completed", 3, top1=84.43, config=settings[0])   # done
+    archive(runs[1], "running", 1, config=settings[1])                 # killed: the scheduler has forgotten it
     monkeypatch.setenv("SQUEUE", "100_3 PENDING\n100_4 RUNNING")
     jobs(*argv, cwd=tmp_path)
     assert calls(tmp_path)[-1] == f"sbatch --parsable --array=2 {directory}/job.sh"
@@ -356,6 +591,55 @@ def test_submit_records_job_ids_and_resubmits_only_unfinished_runs(tmp_path, mon
     assert [line.split()[0] for line in calls(tmp_path)] == ["sbatch", "squeue", "sbatch", "squeue"]
     with pytest.raises(ConfigError, match="has other runs"):
         jobs(*argv[:-4], "--sweep", "keep_ratio=0.5", "--job-name", "s", cwd=tmp_path)
+    # Its config file edited since (another lr): the directory holds a run with other settings, so the
+    # submission is refused before anything is queued, naming the difference.
+    edited = tmp_path / "edited" / CONFIG.name
+    edited.parent.mkdir()
+    edited.write_text(CONFIG.read_text().replace("base: ", f"base: {CONFIG.parent}/").replace("lr: 0.1\n", "lr: 0.01\n"))
+    with pytest.raises(ConfigError, match=r"keep=0.5/seed0 holds a run with other settings \(lr 0.1 -> 0.01\)"):
+        jobs(*argv[:3], "--config", edited, *argv[5:-4], "--sweep", "keep_ratio=0.5", "--job-name", "x",
+             cwd=tmp_path)
+    assert calls(tmp_path)[-1].startswith("squeue")  # nothing submitted
+
+
+def test_status_orders_submissions_and_continuations_by_time(tmp_path):
+    manifest = {"submissions": [{"time": "2020-01-01T10:00:00+00:00", "job_ids": {"1": "fA", "2": "fB"}},
+                                {"time": "2020-01-01T12:00:00+00:00", "job_ids": {"1": "fD"}}]}
+    (tmp_path / "continuations.txt").write_text("1 fC 2020-01-01T11:00:00+01:00\n"    # 10:00 UTC, before fD
+                                                "2 fE 2020-01-01T11:00:00+00:00\n")   # after fB
+    assert latest_job_ids(manifest, tmp_path) == {1: "fD", 2: "fE"}
+    # A line without a time (written before times were) counts as written when the file last changed.
+    (tmp_path / "continuations.txt").write_text("1 fC\n")
+    assert latest_job_ids(manifest, tmp_path) == {1: "fC", 2: "fB"}
+    os.utime(tmp_path / "continuations.txt", (0, datetime(2020, 1, 1, 11).timestamp()))
+    assert latest_job_ids(manifest, tmp_path) == {1: "fD", 2: "fB"}
+
+
+def test_a_flux_submission_after_a_continuation_is_not_submitted_again(tmp_path, monkeypatch):
+    """The review's bug: the continuation's id hid the later submission, so `jobs submit` saw an ended job
+    and submitted a run that was queued or running."""
+    minutes = iter(range(60))  # a clock that moves a minute at each look, so that every event has its own time
+    monkeypatch.setattr("biprop_hpc.jobs.job.now", lambda: f"2030-01-01T10:{next(minutes):02d}:00+00:00")
+    env = fake_bin(tmp_path, {"flux": 'case "$1" in batch) echo "ƒB$RANDOM" ;; jobs) echo "$FLUX_JOBS" ;; esac'})
+    for name in ("PATH", "CALLS"):
+        monkeypatch.setenv(name, env[name])
+    argv = ["submit", "--scheduler", "flux", "--config", CONFIG, "--time", "1h", "--out", tmp_path / "runs",
+            "--job-name", "s"]
+    jobs(*argv, cwd=tmp_path)
+    directory = tmp_path / "runs" / "sweeps" / "s"
+    [submission] = json.loads((directory / "manifest.json").read_text())["submissions"]
+    [first] = submission["job_ids"].values()
+    assert first.startswith("fB")  # F58 ids are kept with an ASCII "f", whatever the locale made flux print
+    # Its continuation ran and ended; the run is not done: submitting again submits it.
+    (directory / "continuations.txt").write_text(f"1 fC {submission['time'].replace(':00+', ':30+')}\n")
+    monkeypatch.setenv("FLUX_JOBS", f"{first} INACTIVE\nƒC INACTIVE")
+    jobs(*argv, cwd=tmp_path)
+    [second] = json.loads((directory / "manifest.json").read_text())["submissions"][1]["job_ids"].values()
+    # That submission runs; the ended continuation must not hide it.
+    monkeypatch.setenv("FLUX_JOBS", f"{first} INACTIVE\nƒC INACTIVE\nƒ{second[1:]} RUN")
+    jobs(*argv, cwd=tmp_path)
+    assert [line.split()[:2] for line in calls(tmp_path)] == [["flux", "batch"], ["flux", "jobs"], ["flux", "batch"],
+                                                             ["flux", "jobs"]]
 
 
 def test_a_forgotten_job_is_not_an_unreachable_scheduler(tmp_path, monkeypatch):
@@ -403,3 +687,47 @@ def test_status_from_archives_and_logs_without_a_scheduler(tmp_path, monkeypatch
     assert [states[i]["state"] for i in range(1, 6)] == ["completed", "running", "failed", "checkpointed", "queued"]
     assert states[4]["restarts"] == 1 and states[1]["restarts"] == 2
     assert states[3]["log"] == [f"line {i}" for i in range(4, 12)]
+
+
+# --- what the scripts give the ranks: the batch job's id and a deadline ------------------------------------
+
+def test_the_batch_jobs_id_comes_before_the_ranks_own():
+    assert scheduler_job_id({"BIPROP_JOB_ID": "f7Ab", "FLUX_JOB_ID": "f42"}) == "f7Ab"
+    assert scheduler_job_id({"BIPROP_JOB_ID": "5_2", "SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "9"}) == "5_2"
+    assert scheduler_job_id({"FLUX_JOB_ID": "f42"}) == "f42"
+    assert scheduler_job_id({"LSB_JOBID": "77", "LSB_JOBINDEX": "4"}) == "77[4]"
+
+
+def test_a_deadline_is_a_stop_request_once_it_has_passed():
+    now = [100.0]
+    stop = StopRequests({"BIPROP_STOP_AT": "150"}, clock=lambda: now[0])
+    assert stop.stop_at == 150 and stop.reason is None
+    now[0] = 150.0
+    assert stop.reason == DEADLINE_REASON
+    stop._record(signal.SIGTERM, None)  # the first request is the one that counts
+    assert stop.reason == DEADLINE_REASON
+    signalled = StopRequests({"BIPROP_STOP_AT": "150"}, clock=lambda: now[0] - 100)
+    signalled._record(signal.SIGUSR1, None)
+    now[0] = 1000.0
+    assert signalled.reason == "SIGUSR1"
+    assert StopRequests({}).stop_at is None and StopRequests({"BIPROP_STOP_AT": " "}).stop_at is None
+    for bad in ("soon", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"BIPROP_STOP_AT='{bad}' is not a time: give unix seconds"):
+            StopRequests({"BIPROP_STOP_AT": bad})
+
+
+def test_train_stops_at_its_deadline_and_records_the_batch_jobs_id(tmp_path, tiny_idx_dir):
+    """`biprop train` as the ranks run it, with a deadline that has passed: a checkpoint after its first
+    steps, exit 75, the reason in the checkpoint, and the archive naming the batch job, not the step."""
+    env = {**os.environ, "BIPROP_STOP_AT": str(int(time.time()) - 1), "BIPROP_JOB_ID": "f7Ab", "FLUX_JOB_ID": "f42"}
+    done = subprocess.run([sys.executable, "-m", "biprop_hpc", "train", "--dataset", "mnist", "--model", "conv2",
+                           "--data", str(tiny_idx_dir), "--width-mult", "0.25", "--batch-size", "4", "--threads", "1",
+                           "--out", str(tmp_path), "--name", "late", "--epochs", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 75, done.stderr
+    [archive] = tmp_path.rglob("late/archive.h5")
+    record = read_archive(archive)
+    assert record.attrs["status"] == "checkpointed" and record.attrs["job_id"] == "f7Ab"
+    state = load_checkpoint(archive.parent / "checkpoints" / "last.pt")["state"]
+    assert state["stop_reason"] == DEADLINE_REASON and state["epoch"] == 0 and 0 < state["step"] <= 2, state
+    assert f"{DEADLINE_REASON}: checkpointed at epoch 1" in done.stderr

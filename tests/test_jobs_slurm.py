@@ -90,16 +90,20 @@ def assert_completed(run_dir: Path, ranks: int, epochs: int, log: str) -> dict:
 
 
 def test_rendered_two_rank_job_trains_and_completes(slurm, fashion_mnist, tmp_path):
-    manifest = submit(slurm, tmp_path, *small_run(fashion_mnist, tmp_path / "runs", 1024, 1))
+    where = tmp_path / "a dir"  # sbatch must read the quoted --output, bash the quoted paths of the commands
+    where.mkdir()
+    manifest = submit(slurm, where, *small_run(fashion_mnist, where / "runs", 1024, 1))
     [job] = job_ids(manifest)
     info = wait_until_ended(slurm, job, timeout=240)
     log = logs(tmp_path)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log}"
     run_dir = Path(manifest["runs"][0]["run_dir"])
+    assert run_dir.is_relative_to(where)
     record = assert_completed(run_dir, ranks=2, epochs=1, log=log)
     assert record.attrs["job_id"] == job and record.restarts == []
     assert (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "checkpoints" / "best.pt").exists()
-    assert f"run1_job{job}.out" in log and "completed" in log
+    assert (Path(manifest["path"]).parent / "logs" / f"run1_job{job}.out").exists()
+    assert "completed" in log and "the ranks stop by themselves at" in log, log  # squeue's end time was read
 
 
 def test_sweep_is_one_job_array_with_a_run_directory_each(slurm, fashion_mnist, tmp_path):
@@ -113,7 +117,8 @@ def test_sweep_is_one_job_array_with_a_run_directory_each(slurm, fashion_mnist, 
         assert info["JobState"] == "COMPLETED", f"{info}\n{logs(tmp_path)}"
     directories = [Path(run["run_dir"]) for run in manifest["runs"]]
     assert [d.relative_to(tmp_path / "runs").as_posix() for d in directories] == [
-        f"conv2_mpt1-32/keep={k}/seed0" for k in ("0.5", "0.3", "0.1")]
+        f"conv2_mpt1-32/keep={k}/seed0_train_subset=512_test_subset=256_batch_size=32_width_mult=0.25_epochs=1"
+        for k in ("0.5", "0.3", "0.1")]  # the result-changing keys given to the job, in the config's key order
     for directory, keep in zip(directories, (0.5, 0.3, 0.1)):
         record = assert_completed(directory, ranks=1, epochs=1, log=logs(tmp_path))
         assert record.attrs["keep_ratio"] == keep

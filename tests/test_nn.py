@@ -383,6 +383,37 @@ def test_unsigned_constant(init, scaled, k):
     assert torch.allclose(layer.weight, torch.full_like(layer.weight, std), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("k", [0.2, 0.4])
+def test_fan_scale_gives_the_originals_std_or_the_corrected_one(k):
+    # By hand, for a 3x3 conv 128 -> 256: kaiming normal, fan_in = 128 * 9, relu gain sqrt(2).
+    # The original (utils/builder.py `_init_conv` with scale_fan): std = gain / sqrt(fan_in x (1 - k)), its
+    # prune_rate k being the KEPT fraction; corrected: fan_in x k; none: the plain fan_in.
+    fan_in, gain = 128 * 9, math.sqrt(2)
+    by_hand = {"pruned_fraction": gain / math.sqrt(fan_in * (1 - k)), "kept_fraction": gain / math.sqrt(fan_in * k),
+               "none": gain / math.sqrt(fan_in)}
+    for fan_scale, std in by_hand.items():
+        torch.manual_seed(11)
+        w = BipropConv2d(128, 256, 3, keep_ratio=k, weight_init="kn", fan_scale=fan_scale).weight
+        assert abs(w.std().item() / std - 1) < 0.02, fan_scale
+        torch.manual_seed(11)
+        w = BipropConv2d(128, 256, 3, keep_ratio=k, weight_init="sc", fan_scale=fan_scale).weight
+        assert torch.allclose(w.abs(), torch.full_like(w, std), rtol=1e-6, atol=0), fan_scale
+    assert by_hand["pruned_fraction"] != pytest.approx(by_hand["kept_fraction"], rel=0.05)
+    # the default is the corrected formula, and the unscaled inits ignore fan_scale
+    torch.manual_seed(11)
+    assert torch.allclose(BipropConv2d(128, 256, 3, keep_ratio=k, weight_init="sc").weight.abs(),
+                          torch.full((256, 128, 3, 3), by_hand["kept_fraction"]), rtol=1e-6, atol=0)
+    w = BipropConv2d(128, 256, 3, keep_ratio=k, weight_init="usc", fan_scale="pruned_fraction").weight
+    assert torch.allclose(w.abs(), torch.full_like(w, by_hand["none"]), rtol=1e-6, atol=0)
+
+
+def test_fan_scale_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown fan_scale 'k'; choose one of kept_fraction, pruned_fraction"):
+        BipropConv2d(4, 4, 3, keep_ratio=0.5, fan_scale="k")
+    with pytest.raises(ValueError, match="1 - keep_ratio, which is 0 at keep_ratio 1.0"):
+        BipropConv2d(4, 4, 3, keep_ratio=1.0, weight_init="kn", fan_scale="pruned_fraction")
+
+
 def test_linear_init_uses_in_features_as_fan():
     torch.manual_seed(5)
     layer = BipropLinear(500, 800, keep_ratio=0.25, weight_init="sc")

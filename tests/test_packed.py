@@ -13,6 +13,7 @@ with BIPROP_PACKED_CPU=avx2 (a CPU without AVX-512) runs and matches as well.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+import ticket_damage as damage
 
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import BinaryActivation, BipropConv2d, BipropLinear
@@ -420,6 +423,29 @@ def test_biprop_infer_from_a_checkpoint_with_avx2_forced(trained_conv4_bin, tmp_
                       "--predictions", str(tmp_path / "float.npy"))
     assert np.array_equal(np.load(tmp_path / "avx2.npy"), np.load(tmp_path / "float.npy"))
     assert result["top5"] == floating["top5"]
+
+
+def test_biprop_infer_refuses_a_damaged_ticket_naming_the_damage(trained_conv4_bin, tmp_path):
+    """One bit flipped on disk in a layer's alpha or in a BN running mean gave other metrics and exit 0; infer
+    now refuses the ticket before it builds anything: exit 2, one line naming the damaged part."""
+    checkpoint, _ = trained_conv4_bin
+    ticket = tmp_path / "conv4.ticket.h5"
+    subprocess.run([sys.executable, "-m", "biprop_hpc", "export", "--checkpoint", str(checkpoint), "--out",
+                    str(ticket)], cwd=ROOT, check=True, capture_output=True)
+    cases = (("alpha", lambda path: damage.flip_in_layer(path, 1, "alpha", 0x40),
+              r"/layers row of layer 1 \(\S+\)"),
+             ("running_mean", lambda path: damage.flip_in_dataset(path, "tensors/1.running_mean", byte=3, mask=0x40),
+              r"/tensors/1\.running_mean"))
+    for name, spoil, part in cases:
+        path = damage.copy(ticket, tmp_path, f"{name}.h5")
+        spoil(path)
+        done = subprocess.run([sys.executable, "-m", "biprop_hpc", "infer", "--ticket", str(path), "--threads", "1"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("biprop")]
+        assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert len(errors) == 1, done.stderr
+        assert re.fullmatch(rf"biprop: error: {re.escape(str(path))} is damaged: {part} no longer matches its SHA-256 "
+                            r"digest; do not use it: .*", errors[0]), errors[0]
 
 
 def test_the_extension_builds_without_ninja_into_its_cache(tmp_path):

@@ -16,9 +16,12 @@ import pytest
 
 from conftest import write_tiny_dataset
 from biprop_hpc.archive import SCHEMA_VERSION, read_archive, write_archive
-from biprop_hpc.archive.results import TABLE_COLUMNS, apply_filters, collect_runs, config_key_types, parse_filters
+from biprop_hpc.archive.results import (TABLE_COLUMNS, TICKET_FORMAT, RunRow, apply_filters, collect_runs,
+                                        config_key_types, find_runs, parse_filters, varying_keys)
 from biprop_hpc.cli import main
-from biprop_hpc.config import build_config
+from biprop_hpc.config import EXECUTION_KEYS, build_config
+from biprop_hpc.ticket.export import export_ticket
+from biprop_hpc.ticket.file import FORMAT
 from biprop_hpc.dist import Local
 from biprop_hpc.train import train
 
@@ -291,21 +294,78 @@ def test_version_1_archive_and_stale_rule(tmp_path, sweep):
     assert (row.status, row.restarts, row.epochs_done, row.epochs_total) == ("completed", 0, 10, 10)
     assert row.test_top1 == expected["final"]["test_top1"] and row.type == "MPT-1/32"
 
-    # Median epoch 500 s -> stale after 1500 s; without a heartbeat the file time counts.
+    # Median epoch 500 s -> a running run is stale after 1500 s; without a heartbeat the file time counts.
     now = datetime.now(timezone.utc)
     record = read_archive(sweep / "tiny/keep=0.5/seed0/archive.h5")
-    record.attrs["status"] = "checkpointed"
     record.metrics["epoch_seconds"] = [400.0, 600.0]
-    cases = {"quiet20m": now - timedelta(minutes=20), "quiet30m": now - timedelta(minutes=30), "no_heartbeat": None}
-    for name, heartbeat in cases.items():
-        record.attrs["heartbeat"] = iso(heartbeat) if heartbeat else ""
+    cases = {"quiet20m": ("running", now - timedelta(minutes=20)), "quiet30m": ("running", now - timedelta(minutes=30)),
+             "no_heartbeat": ("running", None), "quiet3h": ("running", now - timedelta(hours=3)),
+             "waiting3h": ("checkpointed", now - timedelta(hours=3)), "waiting_no_heartbeat": ("checkpointed", None)}
+    for name, (status, heartbeat) in cases.items():
+        record.attrs.update(status=status, heartbeat=iso(heartbeat) if heartbeat else "")
         write_archive(tmp_path / "runs" / name / "archive.h5", record)
     old = (now - timedelta(hours=1)).timestamp()
-    os.utime(tmp_path / "runs/no_heartbeat/archive.h5", (old, old))
-    status = {Path(r.run_id).name: r.status for r in collect_runs([tmp_path / "runs"], now=now)}
-    assert status == {"quiet20m": "checkpointed", "quiet30m": "stale", "no_heartbeat": "stale"}
-    status = {Path(r.run_id).name: r.status for r in collect_runs([tmp_path / "runs"], now=now, stale_after=60)}
-    assert status["quiet20m"] == "stale"
+    for name in ("no_heartbeat", "waiting_no_heartbeat"):
+        os.utime(tmp_path / "runs" / name / "archive.h5", (old, old))
+    rows = {Path(r.run_id).name: r for r in collect_runs([tmp_path / "runs"], now=now)}
+    assert {name: row.status for name, row in rows.items()} == {
+        "quiet20m": "running", "quiet30m": "stale", "no_heartbeat": "stale", "quiet3h": "stale",
+        # A checkpointed run waits for its continuation, in the queue for hours maybe: never stale.
+        "waiting3h": "checkpointed", "waiting_no_heartbeat": "checkpointed"}
+    assert rows["quiet3h"].note.startswith("running, but no sign of life for 3h00m (heartbeat")
+    assert rows["waiting3h"].note == "waiting 3h00m for its continuation (heartbeat)"
+    assert rows["waiting_no_heartbeat"].note == "waiting 1h00m for its continuation (file time)"
+    rows = {Path(r.run_id).name: r for r in collect_runs([tmp_path / "runs"], now=now, stale_after=60)}
+    assert rows["quiet20m"].status == "stale" and rows["waiting3h"].status == "checkpointed"
+
+
+def test_tickets_and_other_hdf5_files_beside_runs_are_passed_over(sweep, tmp_path, capsys):
+    """Tickets exported beside their runs, an earlier summary and a foreign HDF5 file are no runs: counted in
+    one line, not rows. Files that may be damaged archives stay `unreadable` rows."""
+    assert TICKET_FORMAT == FORMAT       # results.py's copy of the ticket's format attribute
+    runs = tmp_path / "runs"
+    for run_id in ("tiny/keep=0.5/seed0", "tiny/keep=0.25/seed1"):
+        shutil.copytree(sweep / run_id, runs / run_id)
+        export_ticket(runs / run_id / "checkpoints" / "best.pt", runs / run_id / "best.ticket.h5")
+    assert run_cli(sweep, "--out", runs / "summary.h5") == 0                  # kind="biprop-hpc results summary"
+    with h5py.File(runs / "foreign.h5", "w") as h5:
+        h5["x"] = np.arange(3)
+    damaged = {"no_groups": runs / "broken/keep=0.5/no_groups/a.h5",             # a schema_version, no groups
+               "named_archive": runs / "broken/keep=0.5/named/archive.h5",      # named as a run's archive
+               "truncated_ticket": runs / "broken/keep=0.5/ticket.h5"}          # no longer HDF5 at all
+    for name in ("no_groups", "named_archive"):
+        damaged[name].parent.mkdir(parents=True)
+        with h5py.File(damaged[name], "w") as h5:
+            h5.attrs.update({"schema_version": SCHEMA_VERSION} if name == "no_groups" else {"kind": "foreign"})
+    ticket = (runs / "tiny/keep=0.5/seed0/best.ticket.h5").read_bytes()
+    damaged["truncated_ticket"].write_bytes(ticket[: len(ticket) // 2])
+    capsys.readouterr()
+
+    rows, passed_over = find_runs([runs])
+    assert sorted(row.run_id for row in rows) == ["broken/keep=0.5/named", "broken/keep=0.5/ticket",
+                                                  "keep=0.5/no_groups/a", "tiny/keep=0.25/seed1",
+                                                  "tiny/keep=0.5/seed0"]
+    assert [row.status for row in rows if "tiny" not in row.run_id] == ["unreadable"] * 3
+    assert sorted((path.name, kind) for path, kind in passed_over) == [
+        ("best.ticket.h5", "ticket"), ("best.ticket.h5", "ticket"), ("foreign.h5", "other"), ("summary.h5", "other")]
+    assert run_cli(runs) == 0
+    out = capsys.readouterr().out
+    assert "5 runs: 2 completed, 3 unreadable" in out
+    assert "passed over 4 HDF5 files that are not run archives (2 tickets, 2 other)" in out
+    assert "best.ticket.h5" not in out and "summary.h5" not in out and "foreign.h5" not in out
+
+
+def test_auto_grouping_ignores_the_seed_and_every_execution_key():
+    """Runs that differ only in how they were executed (config.EXECUTION_KEYS) or in the seed are one group."""
+    base = {"model": "conv2", "keep_ratio": 0.5, "seed": 0, "config_name": "a", "loader": "torch",
+            "channels_last": False, "out": "runs", "threads": 1}
+
+    def rows(key, values):
+        return [RunRow(run_id=str(i), path="", status="completed", settings={**base, key: value})
+                for i, value in enumerate(values)]
+    for key in ("seed", *EXECUTION_KEYS):
+        assert varying_keys(rows(key, [f"{key}-1", f"{key}-2"])) == [], key
+    assert varying_keys(rows("keep_ratio", [0.5, 0.25])) == ["keep_ratio"]
 
 
 @pytest.mark.parametrize("args, message", [

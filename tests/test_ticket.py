@@ -3,6 +3,7 @@ network (W_eff bit for bit) and the same metrics; plain PyTorch and ONNX exports
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from conftest import write_tiny_dataset
+import ticket_damage as damage
 
+from biprop_hpc.cli import main as cli_main
 from biprop_hpc.config import ConfigError, build_config
 from biprop_hpc.dist import Local
 from biprop_hpc.nn import BinaryActivation, BipropMixin, biprop_layers
@@ -170,7 +173,11 @@ def test_a_full_width_resnet18_at_keep_02_takes_under_two_bits_per_weight(tmp_pa
     size = sizes(path, read(path))
     assert size["biprop_weights"] == sum(layer.weight.numel() for _, layer in biprop_layers(model)) == 11_164_352
     assert size["bits_per_weight_masks_and_signs"] == pytest.approx(1.2, abs=1e-3)
-    assert size["bits_per_weight"] < 1.26          # <= 2 bits per weight, BN statistics and HDF5 headers included
+    assert size["bits_per_weight"] < 1.27   # <= 2 bits per weight, BN statistics, HDF5 headers, digests included
+    with h5py.File(path, "r") as h5:
+        digests = h5.attrs["sha256_parts"]
+    assert 80 < len(digests) / len(json.loads(digests)) < 100     # the README: about 90 bytes a part
+    assert 11_000 < len(digests) < 13_000                        # about 12 KB for this ResNet-18
     assert size["ratio_to_fp32_weights"] > 25   # 32 bits / 1.25
 
 
@@ -241,23 +248,181 @@ def test_ticket_of_a_newer_schema_is_refused(tickets, tmp_path):
     shutil.copy(tickets["conv2_bin"], newer)
     with h5py.File(newer, "r+") as h5:
         h5.attrs["schema_version"] = SCHEMA_VERSION + 1
+        # a newer schema's digests are its own: ones that still match this schema's value mean damage (below)
+        del h5.attrs["sha256_parts"], h5.attrs["sha256"]
     with pytest.raises(TicketError, match=f"schema version {SCHEMA_VERSION + 1}, newer .* upgrade biprop-hpc"):
         read(newer)
     done = biprop("evaluate", "--ticket", newer)
     assert done.returncode == 2 and "newer" in done.stderr
 
 
-def test_damaged_mask_bits_fail_their_checksum(tickets, tmp_path):
-    damaged = tmp_path / "damaged.h5"
-    shutil.copy(tickets["vgg_small"], damaged)
+# ------------------------------------------------------------------------------------ damage: the digests
+
+DAMAGED = "resnet18_cifar"   # learned BN, a dense first layer, strided 1x1 shortcuts: every kind of part
+SHORTCUT = 6                 # /layers row of 5.shortcut.0: stride 2, padding 0, 1x1
+COMMANDS = (("ticket", "info"), ("evaluate", "--device", "cpu", "--ticket"), ("infer", "--ticket"),
+            ("export", "--format", "torch", "--out", "exported.pt", "--ticket"))
+
+
+def assert_refused(path, pattern, capsys):
+    """read and load refuse the ticket with a message matching `pattern`; so do `biprop ticket info`, `biprop
+    evaluate --ticket`, `biprop infer` and `biprop export --ticket`: exit 2 and that message as one line on
+    stderr, nothing else (and nothing exported)."""
+    with pytest.raises(TicketError, match=pattern) as caught:
+        read(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+    with pytest.raises(TicketError, match=pattern):
+        load(path)
+    for command in COMMANDS:
+        capsys.readouterr()
+        argv = [str(path.parent / arg) if arg == "exported.pt" else arg for arg in command]
+        assert cli_main([*argv, str(path)]) == 2, command
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("biprop: error: ") and not out, (command, out, err)
+        assert re.search(pattern, lines[0]), (command, lines[0])
+    assert not (path.parent / "exported.pt").exists()
+
+
+def layer_name(path, row):
+    with h5py.File(path, "r") as h5:
+        return h5["layers"][row]["name"].decode()
+
+
+@pytest.mark.parametrize("field", ["alpha", "kept", "shape", "stride", "padding", "dilation", "groups", "numel",
+                                   "nonzero", "mask_offset", "sign_offset"])
+def test_a_flipped_bit_in_a_layers_row_is_refused_naming_the_layer(tickets, tmp_path, capsys, field):
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    name = layer_name(path, SHORTCUT)
+    assert name == "5.shortcut.0"
+    damage.flip_in_layer(path, SHORTCUT, field)          # the bytes on disk
+    assert_refused(path, rf"is damaged: /layers row of layer {SHORTCUT} \(5\.shortcut\.0\) no longer matches its "
+                         "SHA-256 digest; do not use it", capsys)
+
+
+def test_a_flipped_bit_in_a_layers_name_is_refused(tickets, tmp_path, capsys):
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    damage.flip_in_heap_string(path, layer_name(path, SHORTCUT), byte=2)   # "5.shortcut.0" -> "5.qhortcut.0"
+    assert_refused(path, rf"/layers row of layer {SHORTCUT} \(5\.qhortcut\.0\) no longer matches", capsys)
+
+
+@pytest.mark.parametrize("dataset", ["mask_bits", "sign_bits"])
+def test_a_flipped_bit_in_the_bit_datasets_is_refused_naming_the_layer(tickets, tmp_path, capsys, dataset):
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    with h5py.File(path, "r") as h5:
+        start = int(h5["layers"][SHORTCUT][dataset.replace("_bits", "_offset")])
+    damage.flip_in_dataset(path, dataset, byte=start + 1, mask=0x10)
+    assert_refused(path, rf"/{dataset} of layer {SHORTCUT} \(5\.shortcut\.0\) no longer matches", capsys)
+
+
+@pytest.mark.parametrize("key", ["1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight", "1.bias",
+                                 "0.weight", "13.weight"])
+def test_a_flipped_bit_in_a_tensor_is_refused_naming_it(tickets, tmp_path, capsys, key):
+    """BN statistics, learned BN affine parameters, the dense first layer and the frozen dense last layer."""
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    assert key in read(path).tensors
+    damage.flip_in_dataset(path, f"tensors/{key}", byte=1)
+    assert_refused(path, rf"is damaged: /tensors/{re.escape(key)} no longer matches", capsys)
+
+
+def test_a_flipped_bit_in_any_root_attribute_is_refused_naming_it(tickets, tmp_path, capsys):
+    """Strings (config, model, format, ...) live in HDF5's global heap, which has no checksum: flipped on disk.
+    Numbers live in checksummed HDF5 metadata: rewritten through h5py with one bit flipped."""
+    with h5py.File(tickets[DAMAGED], "r") as h5:
+        attrs = {key: value for key, value in h5.attrs.items() if key not in ("sha256_parts", "sha256")}
+    assert {"config", "in_channels", "num_classes", "image_size", "keep_ratio", "model"} <= attrs.keys()
+    for index, (key, value) in enumerate(attrs.items()):
+        path = damage.copy(tickets[DAMAGED], tmp_path, f"{key}.h5")
+        if isinstance(value, str):
+            damage.flip_in_heap_string(path, value, byte=len(value) // 2)
+        else:
+            damage.rewrite_attribute_bit(path, key, bit=index % 3)
+        assert_refused(path, rf"is damaged: root attribute {key} ", capsys)
+
+
+@pytest.mark.parametrize("key", ["in_channels", "num_classes", "image_size", "keep_ratio"])
+def test_a_flipped_bit_in_a_numeric_attribute_on_disk_is_refused(tickets, tmp_path, capsys, key):
+    """On disk a number's bytes are in HDF5 metadata whose checksum HDF5 checks first (the README says so): it
+    cannot say which attribute, so the message names the root attributes."""
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    damage.flip_in_attribute(path, key)
+    assert_refused(path, r"is damaged: HDF5 cannot read its root attributes \(config, in_channels, num_classes, "
+                         r"image_size, \.\.\.\): .*checksum", capsys)
+
+
+def test_damaged_digests_added_and_removed_parts_are_refused(tickets, tmp_path, capsys):
+    path = damage.copy(tickets[DAMAGED], tmp_path, "digests.h5")
+    damage.rewrite_string_attribute_bit(path, "sha256_parts", byte=200)
+    assert_refused(path, r"its digests \(root attributes sha256_parts and sha256\) do not match", capsys)
+    path = damage.copy(tickets[DAMAGED], tmp_path, "added.h5")
+    with h5py.File(path, "r+") as h5:
+        h5["tensors/extra.running_mean"] = np.zeros(3, np.float32)
+    assert_refused(path, r"/tensors/extra\.running_mean has no digest \(added after the ticket was written\)", capsys)
+    path = damage.copy(tickets[DAMAGED], tmp_path, "removed.h5")
+    with h5py.File(path, "r+") as h5:
+        del h5["tensors/1.running_var"]
+    assert_refused(path, r"/tensors/1\.running_var is missing", capsys)
+    path = damage.copy(tickets[DAMAGED], tmp_path, "stripped.h5")
+    with h5py.File(path, "r+") as h5:
+        del h5.attrs["sha256_parts"], h5.attrs["sha256"]
+    assert_refused(path, r"schema version 2 without its digests", capsys)
+
+
+def test_the_real_commands_refuse_a_damaged_ticket_in_one_line(tickets, tmp_path):
+    """The review's case, each command in a process of its own: one flipped bit of an alpha gave another loss."""
+    path = damage.copy(tickets[DAMAGED], tmp_path)
+    damage.flip_in_layer(path, 0, "alpha")
+    for command in COMMANDS:
+        done = biprop(*[tmp_path / arg if arg == "exported.pt" else arg for arg in command], path)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("biprop")]
+        assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr, done.stderr
+        assert errors == [f"biprop: error: {path} is damaged: /layers row of layer 0 (3.conv1) no longer matches "
+                          "its SHA-256 digest; do not use it: export it again from its checkpoint (or copy it "
+                          "again)"]
+    assert not (tmp_path / "exported.pt").exists()
+
+
+def test_an_undamaged_ticket_says_it_is_verified(tickets, capsys):
+    assert read(tickets[DAMAGED]).verified
+    assert cli_main(["ticket", "info", str(tickets[DAMAGED])]) == 0
+    assert "schema version 2, verified whole (SHA-256)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ schema 1
+
+def as_schema_1(path, out):
+    """The ticket as schema 1 wrote it (biprop-hpc 53a9d84, biprop_hpc/ticket/file.py: write_ticket): no
+    digests, schema_version 1, /mask_bits and /sign_bits in equal chunks of at most 1 MiB with Fletcher-32."""
+    shutil.copy(path, out)
+    with h5py.File(out, "r+") as h5:
+        del h5.attrs["sha256_parts"], h5.attrs["sha256"]
+        h5.attrs["schema_version"] = 1
+        for name in ("mask_bits", "sign_bits"):
+            data = h5[name][()]
+            del h5[name]
+            size = max(data.size, 1)
+            h5.create_dataset(name, data=data, chunks=(-(-size // -(-size // (1 << 20))),), fletcher32=True)
+    return out
+
+
+def test_schema_1_tickets_are_still_read_with_a_warning_that_they_are_unverified(tickets, tmp_path, caplog, capsys):
+    old = as_schema_1(tickets[DAMAGED], tmp_path / "schema1.h5")
+    with caplog.at_level("WARNING", logger="biprop_hpc"):
+        ticket = read(old)
+    assert not ticket.verified and ticket.attrs["schema_version"] == 1
+    assert "schema version 1, which holds no digests" in caplog.text and "export it again" in caplog.text
+    current = load(tickets[DAMAGED]).state_dict()
+    assert all(torch.equal(value, current[key]) for key, value in load(old).state_dict().items())
+    assert cli_main(["ticket", "info", str(old)]) == 0
+    assert "schema version 1, UNVERIFIED: no digests, export it again" in capsys.readouterr().out
+
+
+def test_schema_1_bit_datasets_still_fail_their_fletcher32_checksum(tickets, tmp_path):
+    damaged = as_schema_1(tickets["vgg_small"], tmp_path / "damaged.h5")
     with h5py.File(damaged, "r") as h5:
         offset = h5["mask_bits"].id.get_chunk_info(0).byte_offset
-    with open(damaged, "r+b") as handle:
-        handle.seek(offset + 3)
-        byte = handle.read(1)
-        handle.seek(offset + 3)
-        handle.write(bytes([byte[0] ^ 0x10]))
-    with pytest.raises(TicketError, match="not a complete ticket"):
+    damage.flip(damaged, offset + 3, 0x10)
+    with pytest.raises(TicketError, match=r"is damaged: HDF5 cannot read /mask_bits, whose Fletcher-32 checksum fails"):
         read(damaged)
 
 

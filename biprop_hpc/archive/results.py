@@ -13,27 +13,33 @@ system's `.snapshot` are skipped, and so is the --out file); a file reached twic
 counts once. A run directory `<out>/<config_name>/keep=<k>/<name>/` holds one `archive.h5`, also when the run
 was requeued and resumed: its continuations are rows of the archive's /restarts table, so a resumed run is one
 row with its restart count, never two. A run's id is its directory's last three parts,
-`<config_name>/keep=<k>/<name>` (for a file not named archive.h5: the file's path without `.h5`).
+`<config_name>/keep=<k>/<name>` (for a file not named archive.h5: the file's path without `.h5`). Other HDF5
+files kept beside runs are passed over and counted in one line: tickets (attribute format="biprop-ticket") and
+files without the archive's schema_version attribute (a summary written by --out, anything foreign).
 
 Reading never disturbs a writer and never stops at one bad file. Archives are opened read-only with HDF5 file
 locking off (`read_archive`), so a reader takes no lock that could block or fail a running job's rewrite, and
 file systems without flock (many Lustre, GPFS and NFS mounts) work. Writers replace the whole file by a rename,
-so a reader sees the old or the new archive, never half of one. A file that is empty, truncated, not HDF5,
-not a run archive or of a newer schema becomes a row with status `unreadable` and the reason in its note.
+so a reader sees the old or the new archive, never half of one. A file that may be a damaged archive (empty,
+truncated, not HDF5, named archive.h5, of a newer schema, missing groups) becomes a row with status
+`unreadable` and the reason in its note.
 
 States. `completed` runs make the statistics; every other run is listed with its state and left out: `running`,
-`checkpointed` (stopped with a mid-epoch checkpoint, waiting for its continuation), `interrupted`, `failed`,
-`unreadable`, and `stale`: a run whose archive says running or checkpointed but whose last sign of life is
-older than max(3 x its median epoch time, 10 minutes) (`--stale-after SECONDS` replaces that limit). The last
-sign of life is the archive's `heartbeat` (refreshed at every write, at least once per epoch), or the file's
-modification time for version-1 archives, which have none. A stale run's job has most likely died without a
-word (killed, node failure, out of time before it could write its status).
+`checkpointed` (stopped with a checkpoint, waiting for its continuation: the note says for how long since its
+last sign of life; never stale, as a continuation may wait in the queue for days and only the scheduler knows
+whether it still does: `biprop jobs status` asks it), `interrupted`, `failed`, `unreadable`, and `stale`: a run
+whose archive says running but whose last sign of life is older than max(3 x its median epoch time,
+10 minutes) (`--stale-after SECONDS` replaces that limit). The last sign of life is the archive's `heartbeat`
+(refreshed at every write and, within an epoch, every few minutes), or the file's modification time for
+version-1 archives, which have none. A stale run's job has most likely died without a word (killed, node
+failure, out of time before it could write its status).
 
 Statistics are over completed runs: mean and sample standard deviation (n - 1; "-" for a single run).
-`--group-by auto` groups by every config key whose value differs between the runs, except the keys that say
-where and how a run was executed rather than what was run (`IGNORED_BY_AUTO`). The best run of a group is
-the one with the highest validation top-1; the test set never chooses anything. `paper_top1` from a run's
-config (the paper's reported test top-1 for that experiment) is shown beside ours with the difference.
+`--group-by auto` groups by every config key whose value differs between the runs, except the seed and the keys
+that say where and how a run was executed rather than what was run (`ignored_by_auto`: config.EXECUTION_KEYS).
+The best run of a group is the one with the highest validation top-1; the test set never chooses anything.
+`paper_top1` from a run's config (the paper's reported test top-1 for that experiment) is shown beside ours
+with the difference.
 
 Summary archive (--out FILE, HDF5, rewritten whole from the runs found now, atomically):
   /          attributes: kind ("biprop-hpc results summary"), summary_version (1), created (ISO 8601 UTC),
@@ -64,7 +70,7 @@ import h5py
 import numpy as np
 
 import biprop_hpc
-from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord,
+from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord, plain_value,
                                             read_archive)
 from biprop_hpc.files import replace_atomically
 
@@ -73,11 +79,9 @@ SUMMARY_KIND = "biprop-hpc results summary"
 SUMMARY_VERSION = 1
 STALE_MIN_SECONDS = 600.0        # a running run silent for longer than this...
 STALE_EPOCHS = 3                 # ...and longer than this many (median) epochs is stale
-STALE_RULE = (f"status is running or checkpointed and its last heartbeat (the file time without one) is older "
+STALE_RULE = (f"status is running and its last heartbeat (the file time without one) is older "
               f"than max({STALE_EPOCHS} x its median epoch_seconds, {STALE_MIN_SECONDS:.0f} s)")
-# Config keys that say where and how a run was executed, not what was run: --group-by auto ignores them.
-IGNORED_BY_AUTO = ("seed", "name", "out", "data", "resume", "new_name", "device", "threads", "log_interval",
-                   "save_every", "loader_workers", "eval_batch_size", "paper_top1")
+TICKET_FORMAT = "biprop-ticket"  # biprop_hpc.ticket.file.FORMAT (not imported from there: that module imports torch)
 
 # The run table's columns (CSV, the summary's /table), in order, with their types.
 TABLE_COLUMNS = {
@@ -187,7 +191,7 @@ def network_type(layer_type: str, model: str) -> str:
 
 
 def stale_limit(epoch_seconds: list[float], stale_after: float | None) -> float:
-    """Seconds of silence after which a running or checkpointed run is stale (see STALE_RULE)."""
+    """Seconds of silence after which a running run is stale (see STALE_RULE)."""
     if stale_after is not None:
         return stale_after
     finite = [s for s in epoch_seconds if math.isfinite(s)]
@@ -207,13 +211,29 @@ def last_sign_of_life(path: Path, attrs: dict) -> tuple[datetime, str]:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc), "file time"
 
 
-def row_of(path: Path, run_id: str, now: datetime, stale_after: float | None) -> RunRow:
-    """The row of one archive; a file that cannot be read gives an `unreadable` row, never an exception."""
+def not_a_run_archive(path: Path) -> str | None:
+    """What a file that did not read as a run archive is, if it is plainly no run: "ticket" (a ticket file kept
+    beside its run) or "other" (an HDF5 file without the archive's schema_version attribute: a summary written
+    by --out, anything foreign). None when it may be a damaged archive: not HDF5 or truncated, named
+    archive.h5, or with a schema_version (a newer schema, missing groups): that is an `unreadable` row."""
+    if path.name == ARCHIVE_NAME:
+        return None
     try:
-        record = load_record(path)
-    except ArchiveError as error:
-        reason = str(error).removeprefix(f"{path}: ")
-        return RunRow(run_id=run_id, path=str(path), status="unreadable", note=reason, run=Path(run_id).name)
+        with h5py.File(path, "r", locking=False) as h5:
+            if plain_value(h5.attrs.get("format", "")) == TICKET_FORMAT:
+                return "ticket"
+            return None if "schema_version" in h5.attrs else "other"
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def unreadable_row(path: Path, run_id: str, error: ArchiveError) -> RunRow:
+    reason = str(error).removeprefix(f"{path}: ")
+    return RunRow(run_id=run_id, path=str(path), status="unreadable", note=reason, run=Path(run_id).name)
+
+
+def row_of(path: Path, run_id: str, record: RunRecord, now: datetime, stale_after: float | None) -> RunRow:
+    """The row of one archive, read as `record`."""
     attrs, config, final, metrics = record.attrs, record.config, record.final, record.metrics
     epoch_seconds = [float(s) for s in metrics.get("epoch_seconds", [])]
     row = RunRow(
@@ -235,33 +255,54 @@ def row_of(path: Path, run_id: str, now: datetime, stale_after: float | None) ->
         row.paper_diff = row.test_top1 - row.paper_top1
     if row.completed and row.best_val_top1 is None:
         row.note = "no validation split: no best val top-1"
-    if row.status in ("running", "checkpointed"):
+    if row.status == "running":
         seen, source = last_sign_of_life(path, attrs)
         silent = (now - seen).total_seconds()
         limit = stale_limit(epoch_seconds, stale_after)
         if silent > limit:
-            row.note = (f"{row.status}, but no sign of life for {duration(silent)} ({source}; stale after "
-                        f"{duration(limit)})")
+            row.note = f"running, but no sign of life for {duration(silent)} ({source}; stale after {duration(limit)})"
             row.status = "stale"
         else:
             row.note = f"last {source} {duration(max(silent, 0))} ago"
+    elif row.status == "checkpointed":
+        # Never stale: its continuation may wait in the queue for days. Whether the scheduler still holds it,
+        # only the scheduler knows (`biprop jobs status` asks it; this command reads files only).
+        seen, source = last_sign_of_life(path, attrs)
+        row.note = f"waiting {duration(max((now - seen).total_seconds(), 0))} for its continuation ({source})"
     elif not row.completed:
         row.note = row.note or f"ended {row.status}"
     return row
 
 
-def collect_runs(paths: list[str], *, stale_after: float | None = None, now: datetime | None = None,
-                 exclude: str | None = None) -> list[RunRow]:
-    """One row per archive found under `paths` (see find_archives), run ids made unique with `~2`, `~3`..."""
+def find_runs(paths: list[str], *, stale_after: float | None = None, now: datetime | None = None,
+              exclude: str | None = None) -> tuple[list[RunRow], list[tuple[Path, str]]]:
+    """One row per run archive found under `paths` (see find_archives), run ids made unique with `~2`, `~3`...;
+    a file that cannot be read gives an `unreadable` row, never an exception. Also the files passed over as
+    plainly no runs (see not_a_run_archive), each with what it is."""
     now = now or datetime.now(timezone.utc)
-    rows, seen_ids = [], {}
+    rows, passed_over, seen_ids = [], [], {}
     for path in find_archives(paths, exclude):
+        try:
+            record, error = load_record(path), None
+        except ArchiveError as failure:
+            record, error = None, failure
+            kind = not_a_run_archive(path)
+            if kind is not None:
+                passed_over.append((path, kind))
+                continue
         run_id = run_id_of(path)
         seen_ids[run_id] = seen_ids.get(run_id, 0) + 1
         if seen_ids[run_id] > 1:
             run_id = f"{run_id}~{seen_ids[run_id]}"
-        rows.append(row_of(path, run_id, now, stale_after))
-    return rows
+        rows.append(unreadable_row(path, run_id, error) if record is None else
+                    row_of(path, run_id, record, now, stale_after))
+    return rows, passed_over
+
+
+def collect_runs(paths: list[str], *, stale_after: float | None = None, now: datetime | None = None,
+                 exclude: str | None = None) -> list[RunRow]:
+    """The rows of find_runs, for callers that do not report the files passed over."""
+    return find_runs(paths, stale_after=stale_after, now=now, exclude=exclude)[0]
 
 
 def duration(seconds: float) -> str:
@@ -327,11 +368,21 @@ def apply_filters(rows: list[RunRow], filters: dict) -> list[RunRow]:
             if not row.settings or all(row.settings.get(key) in values for key, values in filters.items())]
 
 
-def varying_keys(rows: list[RunRow], ignore: tuple = IGNORED_BY_AUTO) -> list[str]:
-    """Config keys whose value differs between the readable runs that have the key, in the config's order.
+def ignored_by_auto() -> tuple[str, ...]:
+    """The config keys --group-by auto never groups by: the seed (what a group averages over) and the keys that
+    only say how a run executes (config.EXECUTION_KEYS, the one list of them). Imported here, not at the top:
+    biprop_hpc.config pulls in torch (see config_key_types)."""
+    from biprop_hpc.config import EXECUTION_KEYS
+    return ("seed", *EXECUTION_KEYS)
+
+
+def varying_keys(rows: list[RunRow], ignore: tuple | None = None) -> list[str]:
+    """Config keys whose value differs between the readable runs that have the key, in the config's order;
+    never a key of `ignore` (default: ignored_by_auto()).
 
     A key missing from some runs' configs (archives written before the key existed) does not vary by that
     alone: those runs are taken to have the value all the others share."""
+    ignore = ignored_by_auto() if ignore is None else ignore
     configs = [row.settings for row in rows if row.settings]
     keys = list(dict.fromkeys(key for config in configs for key in config))
     return [key for key in keys if key not in ignore
@@ -486,13 +537,26 @@ def format_left_out(rows: list[RunRow]) -> str:
     return "\n".join(lines)
 
 
+def format_passed_over(passed_over: list[tuple[Path, str]]) -> str:
+    """One line counting the HDF5 files passed over as no run archives, by kind."""
+    tickets = sum(kind == "ticket" for _, kind in passed_over)
+    kinds = [f"{tickets} ticket{'s' if tickets != 1 else ''}"] if tickets else []
+    kinds += [f"{len(passed_over) - tickets} other"] if len(passed_over) > tickets else []
+    files = "1 HDF5 file that is not a run archive" if len(passed_over) == 1 else \
+        f"{len(passed_over)} HDF5 files that are not run archives"
+    return f"passed over {files} ({', '.join(kinds)})"
+
+
 def write_csv(path: str, columns: list[str], records: list[dict]) -> None:
-    """Plain values (full precision; empty for missing), one header line."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for record in records:
-            writer.writerow(["" if record[c] is None else _csv_value(record[c]) for c in columns])
+    """Plain values (full precision; empty for missing), one header line; replaced atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for record in records:
+                writer.writerow(["" if record[c] is None else _csv_value(record[c]) for c in columns])
+
+    replace_atomically(path, write)
 
 
 def _csv_value(value):
@@ -595,7 +659,7 @@ def run_results_command(args) -> dict:
                          f"{', '.join(GROUP_COLUMNS)}) nor a config key")
     if args.stale_after is not None and args.stale_after <= 0:
         raise ValueError(f"--stale-after {args.stale_after}: give a number of seconds > 0")
-    rows = collect_runs(args.paths, stale_after=args.stale_after, exclude=args.out)
+    rows, passed_over = find_runs(args.paths, stale_after=args.stale_after, exclude=args.out)
     rows = default_run_order(apply_filters(rows, filters))
     if args.best and not group_by:
         group_by = ["auto"]
@@ -608,6 +672,8 @@ def run_results_command(args) -> dict:
     if group_by:
         print(f"\ngrouped by: {', '.join(keys) or '(nothing varies: one group)'}")
     print("\n" + format_left_out(rows), flush=True)
+    if passed_over:
+        print(format_passed_over(passed_over), flush=True)
 
     if args.csv:
         write_csv(args.csv, columns, records)
@@ -619,7 +685,8 @@ def run_results_command(args) -> dict:
         from biprop_hpc.archive.plots import write_plots  # matplotlib only when plots are asked for
         plots = [str(path) for path in write_plots(rows, args.plot)]
     return {"command": "results", "runs": len(rows), "completed": sum(row.completed for row in rows),
-            "groups": len(groups), "csv": args.csv or "", "summary": args.out or "", "plots": plots}
+            "passed_over": len(passed_over), "groups": len(groups), "csv": args.csv or "",
+            "summary": args.out or "", "plots": plots}
 
 
 def _shown_table(args, rows: list[RunRow], groups: list[Group], summaries: list[dict],

@@ -6,7 +6,7 @@ Everything of one job lives in its sweep directory `<out>/sweeps/<job name>/`:
                     (time, command, resources, job id of every run submitted)
   logs/             the scheduler's output files, run<index>_job<id>.out
   restarts/         LSF only: how often each job was requeued
-  continuations.txt Flux only: "<index> <job id>" of each continuation job
+  continuations.txt Flux only: "<index> <job id> <ISO time>" of each continuation job
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "jobs"
 SITE_ENV = REPO / "env" / "site.sh"
 MANIFEST_VERSION = 1
+# Directive values that every directive parser reads as one word without quotes.
+BARE_DIRECTIVE = re.compile(r"[A-Za-z0-9_@%+=:,./{}\[\]-]+")
 
 
 def now() -> str:
@@ -85,7 +87,8 @@ class Job:
         environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.template.parent)),
                                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                          keep_trailing_newline=True)
-        environment.filters["q"] = lambda value: shlex.quote(str(value))
+        environment.filters["q"] = shell_word
+        environment.filters["directive"] = directive_word
         r = self.resources
         try:
             return environment.get_template(self.template.name).render(
@@ -134,6 +137,33 @@ class Job:
     def submit(self, indices: list[int]) -> dict[int, str]:
         return self.scheduler.submit(self.script, self.name, indices if self.array else None,
                                      self.resources.max_running)
+
+
+def shell_word(value) -> str:
+    """`value` quoted for bash (the `q` filter of the templates)."""
+    return shlex.quote(_one_line(value))
+
+
+def directive_word(value) -> str:
+    """`value` as one word of an #SBATCH, #BSUB or `# flux:` line (the `directive` filter): bare when it is
+    plainly one word, else in double quotes, which all three read alike (sbatch: src/sbatch/opt.c
+    _get_argument; flux batch: shlex in flux/job/directives.py; bsub: as in `#BSUB -R "span[hosts=1]"`).
+    Quotes and backslashes inside a value are read differently by them, so they are refused."""
+    text = _one_line(value)
+    if BARE_DIRECTIVE.fullmatch(text):
+        return text
+    if '"' in text or "\\" in text:
+        raise ConfigError(f"{text!r}: a job directive cannot hold a double quote or a backslash; "
+                          "use a path (--out) without them")
+    return f'"{text}"'
+
+
+def _one_line(value) -> str:
+    text = str(value)
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{text!r}: a line break cannot be written into a job script; use a path (--out) "
+                          "and names without one")
+    return text
 
 
 def read_manifest(path: Path) -> dict:

@@ -2,7 +2,7 @@
 command and how its output names the job, and how to ask the scheduler about a job.
 
 A run's job id is the id the scheduler shows for it: `123_4` (SLURM array task), `77[4]` (LSF array element),
-the Flux id of its `--cc` copy, or the plain id of a one-run job.
+the Flux id of its `--cc` copy (F58 with an ASCII "f"), or the plain id of a one-run job.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ class Flux(Scheduler):
         return ["flux", "batch", *([f"--cc={index_ranges(indices)}"] if indices else []), str(script)]
 
     def job_ids(self, output, indices):
-        ids = output.split()
+        ids = [ascii_id(job_id) for job_id in output.split()]
         if len(ids) != (len(indices) if indices else 1):
             raise ConfigError(f"flux batch printed {len(ids)} job id(s) for {len(indices or [1])} run(s): {output!r}")
         return dict(zip(indices or [1], ids))
@@ -184,12 +184,19 @@ class Flux(Scheduler):
         output = _query(["flux", "jobs", "-a", "-n", "-o", "{id.f58} {status}"])
         if output is None:
             return None
+        asked = {ascii_id(job_id): job_id for job_id in job_ids}
         states: dict[str, str] = {}
         for line in output.splitlines():
             job_id, _, state = line.strip().partition(" ")
-            if job_id in job_ids:
-                states[job_id] = self.category(state.strip())
+            if ascii_id(job_id) in asked:
+                states[asked[ascii_id(job_id)]] = self.category(state.strip())
         return states
+
+
+def ascii_id(job_id: str) -> str:
+    """A Flux F58 id with the ASCII prefix: Flux writes "ƒ" or "f" depending on the locale and on
+    FLUX_F58_FORCE_ASCII (flux-environment(7)); the job scripts export the latter."""
+    return "f" + job_id[1:] if job_id.startswith("ƒ") else job_id
 
 
 SCHEDULERS: dict[str, Scheduler] = {scheduler.name: scheduler for scheduler in (Slurm(), Lsf(), Flux())}

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from biprop_hpc.archive import ArchiveError, read_archive
 from biprop_hpc.jobs.schedulers import QUEUED, RUNNING, Scheduler
 
 LOG_LINES = 8
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)   # the time of a submission that has none recorded
 
 
 @dataclass
@@ -32,17 +34,39 @@ class RunState:
 
 
 def latest_job_ids(manifest: dict, directory: Path) -> dict[int, str]:
-    """Run index -> the job id of its latest submission or (Flux) continuation."""
+    """Run index -> the job id of its latest submission or (Flux) continuation, in time order: a submission
+    made after a continuation (of a run whose continuations were used up, say) is the one that counts."""
+    events = [(_time(submission.get("time")), {int(i): job_id for i, job_id in submission["job_ids"].items()})
+              for submission in manifest["submissions"]]
+    events += [(when, {index: job_id}) for index, job_id, when in continuations(directory / "continuations.txt")]
     ids: dict[int, str] = {}
-    for submission in manifest["submissions"]:
-        ids.update({int(index): job_id for index, job_id in submission["job_ids"].items()})
-    continuations = directory / "continuations.txt"
-    if continuations.exists():
-        for line in continuations.read_text().splitlines():
-            index, _, job_id = line.strip().partition(" ")
-            if index.isdigit() and job_id:
-                ids[int(index)] = job_id
+    for _, job_ids in sorted(events, key=lambda event: event[0]):  # stable: same times keep their order
+        ids.update(job_ids)
     return ids
+
+
+def continuations(path: Path) -> list[tuple[int, str, datetime]]:
+    """The lines "<index> <job id> <ISO time>" that Flux scripts append to continuations.txt. Lines written
+    before the time was added have none: they get the file's modification time, the time of its last line."""
+    if not path.exists():
+        return []
+    undated = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    found = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit():
+            when = _time(fields[2] if len(fields) > 2 else None)
+            found.append((int(fields[0]), fields[1], when if when != EARLIEST else undated))
+    return found
+
+
+def _time(text) -> datetime:
+    """An ISO time (the manifest's, `date -Is`'s); EARLIEST when there is none or it cannot be read."""
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return EARLIEST
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def run_states(manifest: dict, directory: Path, scheduler: Scheduler) -> list[RunState]:

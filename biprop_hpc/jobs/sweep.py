@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import itertools
 import shlex
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from biprop_hpc.config import ALIASES, FIELDS, Config, ConfigError, build_config
+from biprop_hpc.archive import ArchiveError, read_archive
+from biprop_hpc.config import (ALIASES, EXECUTION_KEYS, FIELDS, SAFE_NAME, Config, ConfigError, build_config,
+                              describe_differences, result_differences)
 
 _TYPES = typing.get_type_hints(Config)
 # Keys a job sets itself: every run continues with --resume auto, in the run directory of its config.
@@ -82,25 +85,66 @@ def config_files(patterns: list[str]) -> list[str]:
 def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]]) -> list[Run]:
     """One Run per combination of the sweep values, on top of `config` and the `given` config overrides.
 
-    Every run gets its own directory: when a sweep varies keys that are not part of the run directory's
-    path (e.g. lr), each run's name gets those values appended (`seed0_lr=0.1`).
+    A run's identity is its directory: every result-changing key given here (fixed or swept) that is not
+    part of the path <out>/<config_name>/keep=<k>/<name> is appended to the run's name with its value
+    (`seed0_lr=0.01`), so two submissions that differ in such a key never share a directory.
     """
     keys = [key for key, _ in axes]
     combinations = [dict(zip(keys, chosen)) for chosen in itertools.product(*(values for _, values in axes))]
     plans = [(_config_path(config, values), {**given, **_swept(values)}) for values in combinations]
     configs = [_build(path, overrides) for path, overrides in plans]
-    if len({cfg.run_dir() for cfg in configs}) < len(configs):
-        suffixed = [key for key in keys if key not in PATH_KEYS]
-        plans = [(path, {**overrides, "name": _suffixed_name(cfg.name, values, suffixed)})
-                 for (path, overrides), cfg, values in zip(plans, configs, combinations)]
-        configs = [_build(path, overrides) for path, overrides in plans]
-        directories = [cfg.run_dir() for cfg in configs]
-        twice = sorted({str(d) for d in directories if directories.count(d) > 1})
-        if twice:
-            raise ConfigError(f"these runs would share a run directory: {', '.join(twice)}; "
-                              "sweep a key that tells them apart (e.g. seed or name)")
+    names = [identifying_name(cfg, overrides) for (_, overrides), cfg in zip(plans, configs)]
+    plans = [(path, {**overrides, "name": name} if name != cfg.name else overrides)
+             for (path, overrides), cfg, name in zip(plans, configs, names)]
+    configs = [_build(path, overrides) for path, overrides in plans]
+    directories = [cfg.run_dir() for cfg in configs]
+    twice = sorted({str(d) for d in directories if directories.count(d) > 1})
+    if twice:
+        raise ConfigError(f"these runs would share a run directory: {', '.join(twice)}; "
+                          "sweep a key that tells them apart (e.g. seed or name)")
+    for cfg in configs:
+        refuse_other_settings(cfg)
     return [Run(index, _train_args(path, cfg, overrides), str(cfg.run_dir()), values)
             for index, ((path, overrides), cfg, values) in enumerate(zip(plans, configs, combinations), start=1)]
+
+
+def identifying_name(cfg: Config, overrides: dict) -> str:
+    """`cfg.name` with `_key=value` for each result-changing key in `overrides` outside the run's path.
+
+    The seed is part of the default name `seed<N>` already. Values are the validated config values (0.10 and
+    0.1 give one name); a value that is not a safe name part (a path, say) is named by a digest of it.
+    """
+    in_path = set(PATH_KEYS) | set(EXECUTION_KEYS) | ({"seed"} if cfg.name == f"seed{cfg.seed}" else set())
+    parts = [cfg.name] + [f"{key}={_name_value(getattr(cfg, key))}" for key in overrides if key not in in_path]
+    return "_".join(parts)
+
+
+def refuse_other_settings(cfg: Config) -> None:
+    """ConfigError if cfg's run directory holds a run with other result-changing settings (its config file
+    was edited since, say): caught here, before anything waits in a queue, rather than when the job starts."""
+    archive = cfg.run_dir() / "archive.h5"
+    try:
+        stored = read_archive(archive).config if archive.exists() else None
+    except (ArchiveError, ValueError):
+        return  # unreadable: the run itself says so when it starts
+    differences = result_differences(stored, cfg) if stored else []
+    if differences:
+        raise ConfigError(f"{cfg.run_dir()} holds a run with other settings ({describe_differences(differences)}); "
+                          "give this run another --name, or restore those settings")
+
+
+def _name_value(value) -> str:
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list):
+        text = ",".join(_name_value(item) for item in value)
+    elif isinstance(value, float):
+        text = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    else:
+        text = str(value)
+    if SAFE_NAME.fullmatch(text):
+        return text
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def _config_path(config: str | None, values: dict) -> str:
@@ -119,10 +163,6 @@ def _swept(values: dict) -> dict:
 def _build(path: str, overrides: dict) -> Config:
     cfg = build_config(path, overrides)
     return dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
-
-
-def _suffixed_name(name: str, values: dict, keys: list[str]) -> str:
-    return "_".join([name] + [f"{key}={values[key]}".replace("/", "_") for key in keys])
 
 
 def _train_args(path: str, cfg: Config, overrides: dict) -> list[str]:

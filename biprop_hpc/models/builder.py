@@ -1,13 +1,14 @@
 """LayerBuilder: how a model asks for its layers, so model files read like the paper's tables.
 
 A model never decides whether a conv is BIPROP, dense or frozen; it asks the builder, which applies the
-run's choices (layer type, keep ratio, weight init, BN affinity, dense first/last layer) in one place.
+run's choices (layer type, keep ratio, weight init and its fan scaling, BN affinity, dense first/last layer)
+in one place.
 """
 from dataclasses import dataclass
 
 from torch import nn
 
-from biprop_hpc.nn import BinaryActivation, BipropConv2d, BipropLinear, check_keep_ratio, init_weight_
+from biprop_hpc.nn import FAN_SCALES, BinaryActivation, BipropConv2d, BipropLinear, check_keep_ratio, init_weight_
 
 LAYER_TYPES = ("biprop", "dense")          # the whole network: BIPROP search, or an ordinary trained baseline
 EDGE_LAYER_TYPES = ("biprop", "trained", "frozen")  # first / last layer: as the rest, dense trained, dense frozen random
@@ -21,9 +22,12 @@ class LayerBuilder:
     learn_batchnorm: bool = False
     first_layer: str = "biprop"
     last_layer: str = "biprop"
+    fan_scale: str = "kept_fraction"   # how kn/sc/uc scale the fan of BIPROP layers (biprop_hpc.nn.init)
 
     def __post_init__(self):
         check_keep_ratio(self.keep_ratio)
+        if self.fan_scale not in FAN_SCALES:
+            raise ValueError(f"fan_scale must be one of {FAN_SCALES}, got {self.fan_scale!r}")
         if self.layer_type not in LAYER_TYPES:
             raise ValueError(f"layer_type must be one of {LAYER_TYPES}, got {self.layer_type!r}")
         for key in ("first_layer", "last_layer"):
@@ -37,8 +41,8 @@ class LayerBuilder:
         return {"first": self.first_layer, "last": self.last_layer}.get(position, "biprop")
 
     def _dense(self, layer: nn.Module, kind: str) -> nn.Module:
-        # Dense layers draw W from the same init family with nothing pruned (k = 1).
-        init_weight_(layer.weight, self.weight_init, keep_ratio=1.0)
+        # Dense layers draw W from the same init family with nothing pruned: the plain fan, whatever fan_scale.
+        init_weight_(layer.weight, self.weight_init, keep_ratio=1.0, fan_scale="none")
         layer.weight.requires_grad_(kind == "trained")
         return layer
 
@@ -49,7 +53,7 @@ class LayerBuilder:
         kind = self._kind(position)
         if kind == "biprop":
             return BipropConv2d(in_channels, out_channels, kernel_size, stride, padding,
-                                keep_ratio=self.keep_ratio, weight_init=self.weight_init)
+                                keep_ratio=self.keep_ratio, weight_init=self.weight_init, fan_scale=self.fan_scale)
         return self._dense(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
                                      bias=False), kind)
 
@@ -64,7 +68,7 @@ class LayerBuilder:
         kind = self._kind(position)
         if kind == "biprop":
             return BipropLinear(in_features, out_features, keep_ratio=self.keep_ratio,
-                                weight_init=self.weight_init)
+                                weight_init=self.weight_init, fan_scale=self.fan_scale)
         return self._dense(nn.Linear(in_features, out_features, bias=False), kind)
 
     def batchnorm(self, channels: int) -> nn.Module:

@@ -161,13 +161,13 @@ def kept_mean_magnitude(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -
 class BipropMixin:
     """What BipropConv2d and BipropLinear share: frozen weight, scores, keep ratio, effective weight."""
 
-    def _init_biprop(self, keep_ratio: float, weight_init: str) -> None:
+    def _init_biprop(self, keep_ratio: float, weight_init: str, fan_scale: str) -> None:
         if self.bias is not None:
             raise ValueError("BIPROP layers are bias-free (as in the paper); pass bias=False")
         self.keep_ratio = keep_ratio
         self.weight_init = weight_init
         self.weight.requires_grad_(False)
-        init_weight_(self.weight, weight_init, self.keep_ratio)
+        init_weight_(self.weight, weight_init, self.keep_ratio, fan_scale=fan_scale)
         self.scores = nn.Parameter(init_scores_(torch.empty_like(self.weight)))
         self._fixed_weight = None   # W_eff held for the duration of `fixed_effective_weights` only
 
@@ -207,10 +207,11 @@ class BipropConv2d(BipropMixin, nn.Conv2d):
     """nn.Conv2d whose frozen random weight is replaced by sign(W) * alpha * top-k mask of |scores|."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=False, *, keep_ratio: float, weight_init: str = "kn", **kwargs):
+                 groups=1, bias=False, *, keep_ratio: float, weight_init: str = "kn",
+                 fan_scale: str = "kept_fraction", **kwargs):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, **kwargs)
-        self._init_biprop(keep_ratio, weight_init)
+        self._init_biprop(keep_ratio, weight_init, fan_scale)
 
     def forward(self, x):
         return self._conv_forward(x, self.effective_weight(), None)
@@ -220,9 +221,9 @@ class BipropLinear(BipropMixin, nn.Linear):
     """nn.Linear whose frozen random weight is replaced by sign(W) * alpha * top-k mask of |scores|."""
 
     def __init__(self, in_features, out_features, bias=False, *, keep_ratio: float,
-                 weight_init: str = "kn", **kwargs):
+                 weight_init: str = "kn", fan_scale: str = "kept_fraction", **kwargs):
         super().__init__(in_features, out_features, bias, **kwargs)
-        self._init_biprop(keep_ratio, weight_init)
+        self._init_biprop(keep_ratio, weight_init, fan_scale)
 
     def forward(self, x):
         return F.linear(x, self.effective_weight())

@@ -78,7 +78,7 @@ def _load(args, ctx):
             raise ValueError(f"{args.ticket} is a network for {record.in_channels}-channel inputs and "
                              f"{record.num_classes} classes; the dataset has {data.in_channels} channels and "
                              f"{data.num_classes} classes (--data points at another dataset?)")
-        model = tickets.load(args.ticket, device="cpu")
+        model = tickets.module_from_ticket(record, "cpu")   # the ticket read (and verified) once
     else:
         from pathlib import Path
 

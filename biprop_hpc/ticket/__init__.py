@@ -9,7 +9,7 @@
   `Ticket` / `LayerRecord`), for engines that compute from the bits.
 - `dense_ternary(model)`: any model's BIPROP layers replaced by plain layers holding W_eff.
 - `export_ticket(checkpoint, out)`, `import_original(ckpt, model, ...)`, `write_ticket(path, ticket)`.
-The file format is documented in biprop_hpc/ticket/file.py (schema version 1).
+The file format is documented in biprop_hpc/ticket/file.py (schema version 2, verified by SHA-256 on every read).
 """
 from biprop_hpc.ticket.export import dense_ternary, export_ticket, load, module_from_ticket, ticket_from_checkpoint
 from biprop_hpc.ticket.file import SCHEMA_VERSION, LayerRecord, Ticket, TicketError, read, write_ticket

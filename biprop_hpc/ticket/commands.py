@@ -115,7 +115,8 @@ def describe(ticket: Ticket, path: str | Path | None = None) -> str:
              (f"input       {ticket.in_channels} x {ticket.image_size} x {ticket.image_size}, "
               f"{ticket.num_classes} classes; dataset {cfg['dataset']}{data}"),
              (f"source      {ticket.attrs.get('source', '?')} {ticket.attrs.get('source_file', '')} (created "
-              f"{ticket.attrs.get('created', '?')}, schema version {ticket.attrs.get('schema_version')})"),
+              f"{ticket.attrs.get('created', '?')}, schema version {ticket.attrs.get('schema_version')}, "
+              f"{'verified whole (SHA-256)' if ticket.verified else 'UNVERIFIED: no digests, export it again'})"),
              "",
              f"{'layer':<22} {'kind':<7} {'shape':<20} {'weights':>11} {'kept':>11} {'kept %':>7} {'alpha':>12}"]
     for layer in ticket.layers:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import platform
 import sys
 import time
@@ -29,17 +30,20 @@ from tqdm import tqdm
 
 import biprop_hpc
 from biprop_hpc.archive import METRICS, ArchiveError, RunRecord, read_archive, write_archive
-from biprop_hpc.config import Config, ConfigError
+from biprop_hpc.config import Config, ConfigError, describe_differences, result_differences
 from biprop_hpc.data.build import build_data
 from biprop_hpc.dist import batchnorm_statistics, scheduler_job_id
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import biprop_layers
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from biprop_hpc.train.evaluate import evaluate, to_device
+from biprop_hpc.train.lock import RunLock, RunLocked
 from biprop_hpc.train.schedule import lr_at_epoch
 from biprop_hpc.train.stopping import RunCheckpointed, StopRequests
 
 log = logging.getLogger("biprop_hpc")
+
+HEARTBEAT_SECONDS = 120.0  # the archive is rewritten at least this often within an epoch (rank 0)
 
 # Why a run was continued, when its last checkpoint recorded no stop: from the archive's last status.
 UNRECORDED_STOPS = {"running": "killed without a word (the archive still said running)", "failed": "failed",
@@ -49,17 +53,19 @@ UNRECORDED_STOPS = {"running": "killed without a word (the archive still said ru
 def model_from_config(cfg: Config, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     builder = LayerBuilder(keep_ratio=cfg.keep_ratio, weight_init=cfg.weight_init, layer_type=cfg.layer_type,
                            learn_batchnorm=cfg.learn_batchnorm, first_layer=cfg.first_layer,
-                           last_layer=cfg.last_layer)
+                           last_layer=cfg.last_layer, fan_scale=cfg.fan_scale)
     return build_model(cfg.model, builder, in_channels=in_channels, num_classes=num_classes,
                        image_size=image_size, width_mult=cfg.width_mult)
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Scores and learned dense weights get weight decay; learned BN affine parameters do not."""
+    """Scores and learned dense weights get weight decay; learned BN affine parameters (every 1-D parameter)
+    only with `bn_weight_decay`, as the original's SGD (its no_bn_decay defaulted to false). Adam gets the same
+    groups: the original passed Adam only the lr, so its recipes set weight_decay 0 for Adam."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
+            (no_decay if param.ndim <= 1 and not cfg.bn_weight_decay else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
@@ -98,21 +104,49 @@ def holds_a_run(directory: Path) -> bool:
     return (directory / "archive.h5").exists() or any((directory / "checkpoints").glob("*.pt"))
 
 
-def claim_directory(cfg: Config) -> Config:
-    """The config of a FRESH run, made sure not to land on an existing run (rank 0 decides).
+def claim_directory(cfg: Config) -> tuple[Config, RunLock]:
+    """The run's config and its directory's lock, held from now on (rank 0 decides).
 
-    A run directory that holds a run is never started over: that is an error naming the directory and the
-    ways on, unless `new_name` asks for the first free <name>_2, <name>_3, ... as the original code did.
+    The lock comes first, so two processes can never both decide that one directory is theirs. A run
+    directory that holds a run is never started over: that is an error naming the directory and the ways
+    on, unless `new_name` asks for the first free <name>_2, <name>_3, ... as the original code did.
     """
-    if cfg.resume or not holds_a_run(cfg.run_dir()):
-        return cfg
-    if cfg.new_name:
-        number = 2
-        while holds_a_run(dataclasses.replace(cfg, name=f"{cfg.name}_{number}").run_dir()):
-            number += 1
-        return dataclasses.replace(cfg, name=f"{cfg.name}_{number}")
-    raise ConfigError(f"{cfg.run_dir()} already holds a run; continue it with --resume auto, or start another "
-                      "with --name NAME (or --new-name for the next free <name>_N)")
+    number = 1
+    while True:
+        candidate = cfg if number == 1 else dataclasses.replace(cfg, name=f"{cfg.name}_{number}")
+        number += 1
+        try:
+            lock = RunLock(candidate.run_dir()).acquire()
+        except RunLocked:
+            if cfg.new_name and not cfg.resume:
+                continue
+            raise
+        if cfg.resume or not holds_a_run(candidate.run_dir()):
+            return candidate, lock
+        lock.release()
+        if not cfg.new_name:
+            raise ConfigError(f"{cfg.run_dir()} already holds a run; continue it with --resume auto, or start "
+                              "another with --name NAME (or --new-name for the next free <name>_N)")
+
+
+def refuse_other_settings(what: str, stored: dict, stored_ranks: int, cfg: Config, ranks: int) -> None:
+    """ConfigError naming every result-changing setting in which `cfg` (on `ranks` ranks) differs from the
+    `stored` config of a run (on `stored_ranks`): one run directory holds one run's settings. The batch is
+    compared as the global batch, so a run may continue on other ranks with batch_size changed to match."""
+    differences = result_differences(stored, cfg)
+    then = (stored.get("batch_size", 0), stored_ranks, stored.get("backward_passes_per_step", 1))
+    now = (cfg.batch_size, ranks, cfg.backward_passes_per_step)
+    if math.prod(then) != math.prod(now):
+        differences.append(("global batch", _global_batch(*then), _global_batch(*now)))
+    if differences:
+        raise ConfigError(f"{what} with other settings: {describe_differences(differences)}. A run is continued "
+                          "with the settings it was started with: give the same ones (keep the global batch by "
+                          "changing batch_size with the number of ranks), or start a new run with --name NAME")
+
+
+def _global_batch(batch_size: int, ranks: int, passes: int) -> str:
+    passes_text = f" x backward_passes_per_step {passes}" if passes > 1 else ""
+    return f"{batch_size * ranks * passes} (batch_size {batch_size} x {ranks} rank(s){passes_text})"
 
 
 class Run:
@@ -123,10 +157,22 @@ class Run:
         self.is_root = ctx.rank == 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        claimed = _on_root(ctx, "run_directory", lambda: claim_directory(cfg))
-        self.cfg = cfg = claimed
+        self.lock = None  # rank 0: the run directory's lock, held until fit() ends
+
+        def claim() -> Config:
+            claimed, self.lock = claim_directory(cfg)
+            return claimed
+
+        self.cfg = cfg = _on_root(ctx, "run_directory", claim)
         self.dir = cfg.run_dir()
         self.checkpoints = self.dir / "checkpoints"
+        try:
+            self._set_up(cfg, ctx)
+        except BaseException:
+            self._release()
+            raise
+
+    def _set_up(self, cfg: Config, ctx) -> None:
         self.completed = _on_root(ctx, "completed_run", self._completed_result)
         if self.completed:
             return
@@ -156,6 +202,7 @@ class Run:
         self._resume()
         self.first_epoch = self.state["epoch"]  # the first epoch this process runs
         self.record = RunRecord(self._attrs())
+        self.next_heartbeat = 0.0
         self.writer = None
         if self.is_root:
             from torch.utils.tensorboard import SummaryWriter
@@ -172,29 +219,15 @@ class Run:
             return None
         if record.attrs.get("status") != "completed":
             return None
-        if record.config.get("epochs") != self.cfg.epochs:
-            raise ConfigError(f"{self.dir} holds a completed run of {record.config.get('epochs')} epochs; "
-                              f"to train {self.cfg.epochs}, start a new run (--name NAME)")
+        refuse_other_settings(f"{self.dir} holds a completed run", record.config, record.attrs.get("world_size", 1),
+                              self.cfg, self.ctx.size)
         return {**record.final, "run_dir": str(self.dir)}
 
     def _resume(self) -> None:
-        """Rank 0 reads the checkpoint; the model, optimizer, scaler and run state go to every rank, and
-        each rank gets back its own part (RNG, BN statistics and partial totals of a mid-epoch checkpoint)."""
-        path = resume_path(self.cfg.resume, self.checkpoints) if self.is_root else None
-        shared = None
-        if path is not None:
-            checkpoint = load_checkpoint(path)
-            self._check_resumable(path, checkpoint)
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            state = checkpoint["state"]
-            state["restarts"] = state.get("restarts", []) + [{
-                "time": now(), "epoch": state["epoch"], "step": state.get("step", 0),
-                "reason": state.get("stop_reason") or self._unrecorded_stop()}]
-            state["stop_reason"] = None
-            shared = {"state": {**self.state, **state}, "scaler": checkpoint.get("scaler"),
-                      "ranks": checkpoint.get("ranks"), "path": str(path)}
-        shared = self.ctx.broadcast_object(shared, name="resume")
+        """Rank 0 reads and checks the checkpoint; the model, optimizer, scaler and run state go to every
+        rank, and each rank gets back its own part (RNG, BN statistics and partial totals of a mid-epoch
+        checkpoint; from an end-of-epoch checkpoint of another number of ranks, rank 0's)."""
+        shared = _on_root(self.ctx, "resume", self._read_checkpoint)
         self.ctx.broadcast_model(self.model)
         self.ctx.broadcast_optimizer(self.optimizer)
         if shared is None:
@@ -202,20 +235,42 @@ class Run:
         self.state = shared["state"]
         if self.scaler and shared["scaler"]:
             self.scaler.load_state_dict(shared["scaler"])
-        if shared["ranks"]:
-            self._restore_own(shared["ranks"][self.ctx.rank])
+        ranks = shared["ranks"] or []
+        if len(ranks) == self.ctx.size:
+            self._restore_own(ranks[self.ctx.rank])
+        elif ranks:  # end of an epoch (checked): BN statistics were averaged, every rank's are rank 0's
+            self._restore_own(ranks[0])
         log.info("resumed from %s at epoch %d, step %d", shared["path"], self.state["epoch"] + 1,
                  self.state["step"])
 
+    def _read_checkpoint(self) -> dict | None:
+        """Rank 0: the checkpoint to continue from, checked and loaded into the model and optimizer; what
+        every rank needs of it (None for a fresh run)."""
+        path = resume_path(self.cfg.resume, self.checkpoints)
+        if path is None:
+            return None
+        checkpoint = load_checkpoint(path)
+        self._check_resumable(path, checkpoint)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+        state["restarts"] = state.get("restarts", []) + [{
+            "time": now(), "epoch": state["epoch"], "step": state.get("step", 0),
+            "reason": state.get("stop_reason") or self._unrecorded_stop()}]
+        state["stop_reason"] = None
+        return {"state": {**self.state, **state}, "scaler": checkpoint.get("scaler"),
+                "ranks": checkpoint.get("ranks"), "path": str(path)}
+
     def _check_resumable(self, path: Path, checkpoint: dict) -> None:
-        if checkpoint["config"]["model"] != self.cfg.model:
-            raise ValueError(f"resume: {path} holds a {checkpoint['config']['model']} model, "
-                             f"the config asks for {self.cfg.model}")
+        stored, ranks = checkpoint["config"], len(checkpoint.get("ranks") or [None])
+        refuse_other_settings(f"resume: {path} holds a run", stored, ranks, self.cfg, self.ctx.size)
         if checkpoint["state"].get("step", 0):  # mid-epoch: the epoch's sample plan must be the same
-            then = (len(checkpoint.get("ranks") or []), checkpoint["config"]["batch_size"])
+            then = (ranks, stored["batch_size"])
             if then != (self.ctx.size, self.cfg.batch_size):
-                raise ValueError(f"resume: {path} was written mid-epoch by {then[0]} ranks with batch_size "
-                                 f"{then[1]}; continue it with the same ranks and batch size")
+                raise ConfigError(f"resume: {path} was written in the middle of an epoch by {then[0]} rank(s) "
+                                  f"with batch_size {then[1]}, and that epoch's samples are divided among ranks "
+                                  f"and steps that way: continue it with {then[0]} rank(s) and batch_size "
+                                  f"{then[1]} (a checkpoint written at the end of an epoch continues with any)")
 
     def _unrecorded_stop(self) -> str:
         try:
@@ -253,10 +308,12 @@ class Run:
         if self.completed:
             if self.is_root:
                 log.info("%s has completed already; nothing to do", self.dir)
+            self._release()
             return self.completed
         try:
             if self.state["epoch"] == 0 and self.state["step"] == 0:
                 self._checkpoint(["initial.pt"])
+            self._write_archive("running")  # visible from the start, with this continuation's restart row
             for epoch in range(self.state["epoch"], self.cfg.epochs):
                 self._epoch(epoch)
             return self._finish()
@@ -268,6 +325,12 @@ class Run:
         finally:
             if self.writer:
                 self.writer.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self.lock:
+            self.lock.release()
+            self.lock = None
 
     def _epoch(self, epoch: int) -> None:
         cfg = self.cfg
@@ -348,6 +411,7 @@ class Run:
             bar.update()
             if step + 1 == group_end:
                 self._optimizer_step()
+                self._heartbeat()
                 # The vote started at the previous boundary: every rank sees the same answer at this step.
                 if vote is not None and vote():
                     bar.close()
@@ -422,26 +486,36 @@ class Run:
         for filename in filenames:
             save_checkpoint(self.checkpoints / filename, content)
 
-    def _write_archive(self, status: str) -> None:
+    def _write_archive(self, status: str, layers: bool = True) -> None:
+        """Rank 0: the whole archive, rewritten (at every status change and epoch end, and as a heartbeat:
+        then without recomputing the layer table, which reads every layer's alpha)."""
         if not self.is_root:
             return
+        if layers:
+            self.record.layers = layer_table(self.model)
         self.record.attrs["status"] = status
         self.record.attrs["heartbeat"] = now()
         if status in ("completed", "failed", "interrupted"):
             self.record.attrs["end_time"] = now()
         self.record.metrics = self.state["history"]
         self.record.restarts = self.state["restarts"]
-        self.record.layers = layer_table(self.model)
         write_archive(self.dir / "archive.h5", self.record)
+        self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+
+    def _heartbeat(self) -> None:
+        """Within an epoch, between optimizer steps: the archive's heartbeat every HEARTBEAT_SECONDS, so a
+        run in a long epoch is seen alive (and one whose heartbeat stops, as hung or dead)."""
+        if self.is_root and time.monotonic() >= self.next_heartbeat:
+            self._write_archive("running", layers=False)
 
 
 def _on_root(ctx, name: str, compute):
-    """`compute()` on rank 0, its result (or its ConfigError) on every rank."""
+    """`compute()` on rank 0, its result (or its bad-input error, as a ConfigError) on every rank."""
     outcome = None
     if ctx.rank == 0:
         try:
             outcome = ("value", compute())
-        except ConfigError as error:
+        except (ConfigError, ValueError, FileNotFoundError) as error:
             outcome = ("error", str(error))
     kind, value = ctx.broadcast_object(outcome, name=name)
     if kind == "error":
