@@ -184,6 +184,10 @@ def check_path_component(key: str, value: str) -> None:
                           "put a directory into --out instead, e.g. --out runs/exp --name seed0")
 
 
+# Together they make the global batch, which is what changes results: each may change if the product does not.
+GLOBAL_BATCH_KEYS = ("batch_size", "backward_passes_per_step")
+
+
 def result_differences(stored: dict, requested: "Config") -> list[tuple[str, object, object]]:
     """(key, stored value, requested value) for every result-changing key whose values differ.
 
@@ -202,10 +206,6 @@ def describe_differences(differences: list[tuple[str, object, object]]) -> str:
     """`lr 0.1 -> 0.01, weight_decay 0.0001 -> 0.0`: stored value first."""
     return ", ".join(f"{key} {old!r} -> {new!r}" if isinstance(old, str) and key in FIELDS
                      else f"{key} {old} -> {new}" for key, old, new in differences)
-
-
-# Together they make the global batch, which is what changes results: each may change if the product does not.
-GLOBAL_BATCH_KEYS = ("batch_size", "backward_passes_per_step")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

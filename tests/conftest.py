@@ -1,10 +1,26 @@
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def file_hashes(directory: Path) -> dict:
+    """Relative path -> SHA-256 of every file under `directory`: to show that a command changed nothing."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def epochs_done(archive: Path) -> int:
+    """Epochs an archive records (0 while there is none yet; it is written when the run starts)."""
+    from biprop_hpc.archive import ArchiveError, read_archive
+    try:
+        return len(read_archive(archive).metrics["epoch"]) if archive.exists() else 0
+    except ArchiveError:
+        return 0
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

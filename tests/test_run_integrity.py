@@ -8,7 +8,6 @@ another's, each tried for real (subprocesses of `biprop`, real mpirun and torchr
 - the archive exists from a run's first second and its heartbeat is refreshed within epochs;
 - run names are one safe path component; an --out with a space works.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,8 @@ import pytest
 import torch
 
 import biprop_hpc.train.loop as loop
-from biprop_hpc.archive import ArchiveError, read_archive
+from conftest import epochs_done, file_hashes
+from biprop_hpc.archive import read_archive
 from biprop_hpc.config import ConfigError, build_config
 from biprop_hpc.dist import Local
 from biprop_hpc.train import Run
@@ -43,18 +43,6 @@ def biprop(*args, timeout=300, **env) -> subprocess.CompletedProcess:
 def train_args(out: Path, data: Path, *extra) -> list:
     return ["train", "--dataset", "mnist", "--data", data, "--model", "conv2", "--width-mult", "0.25",
             "--batch-size", "32", "--threads", "1", "--out", out, "--lr-schedule", "constant", *extra]
-
-
-def file_hashes(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def epochs_done(archive: Path) -> int:
-    try:
-        return len(read_archive(archive).metrics["epoch"]) if archive.exists() else 0
-    except ArchiveError:
-        return 0
 
 
 # --- one run, one set of settings --------------------------------------------------------------------------

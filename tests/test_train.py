@@ -1,16 +1,15 @@
-import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import pytest
 import torch
 
-from biprop_hpc.archive import METRICS, ArchiveError, read_archive
+from conftest import epochs_done, file_hashes
+from biprop_hpc.archive import METRICS, read_archive
 from biprop_hpc.config import build_config
 from biprop_hpc.dist import Local
 from biprop_hpc.nn import kept_count
@@ -178,14 +177,6 @@ def test_end_to_end_search_on_fashion_mnist(tmp_path, fashion_mnist):
     assert json.loads(evaluated.stdout)["top1"] == result["test_top1"]
 
 
-def epochs_done(archive: Path) -> int:
-    """Epochs an archive records (0 while there is none yet; it is written when the run starts)."""
-    try:
-        return len(read_archive(archive).metrics["epoch"]) if archive.exists() else 0
-    except ArchiveError:
-        return 0
-
-
 def run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, name, epochs):
     """`biprop train` as a subprocess, returned once its archive records the first epoch."""
     import time
@@ -246,11 +237,6 @@ def test_ctrl_c_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny
     record = read_archive(archive)
     assert record.metrics["epoch"] == [1, 2, 3, 4, 5]
     assert [r["reason"] for r in record.restarts] == ["interrupted (SIGINT)"]
-
-
-def file_hashes(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_a_completed_run_is_never_overwritten(tmp_path, tiny_idx_dir):

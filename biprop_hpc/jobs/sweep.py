@@ -96,14 +96,15 @@ def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]]
     names = [identifying_name(cfg, overrides) for (_, overrides), cfg in zip(plans, configs)]
     plans = [(path, {**overrides, "name": name} if name != cfg.name else overrides)
              for (path, overrides), cfg, name in zip(plans, configs, names)]
-    configs = [_build(path, overrides) for path, overrides in plans]
+    # Not built again: a name made of a checked name, key names and safe values is a safe name itself.
+    configs = [dataclasses.replace(cfg, name=name) for cfg, name in zip(configs, names)]
     directories = [cfg.run_dir() for cfg in configs]
     twice = sorted({str(d) for d in directories if directories.count(d) > 1})
     if twice:
         raise ConfigError(f"these runs would share a run directory: {', '.join(twice)}; "
                           "sweep a key that tells them apart (e.g. seed or name)")
     for cfg in configs:
-        refuse_other_settings(cfg)
+        refuse_a_directory_with_other_settings(cfg)
     return [Run(index, _train_args(path, cfg, overrides), str(cfg.run_dir()), values)
             for index, ((path, overrides), cfg, values) in enumerate(zip(plans, configs, combinations), start=1)]
 
@@ -119,7 +120,7 @@ def identifying_name(cfg: Config, overrides: dict) -> str:
     return "_".join(parts)
 
 
-def refuse_other_settings(cfg: Config) -> None:
+def refuse_a_directory_with_other_settings(cfg: Config) -> None:
     """ConfigError if cfg's run directory holds a run with other result-changing settings (its config file
     was edited since, say): caught here, before anything waits in a queue, rather than when the job starts."""
     archive = cfg.run_dir() / "archive.h5"
