@@ -1,14 +1,23 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete completes `biprop` in a shell only if this marker is near the top)
 """Command-line entry points: `biprop train | evaluate | data | jobs | results`. Thin: parse, then call the package.
 
 Exit codes: see biprop_hpc/train/stopping.py (0 done, 1 failed, 2 bad input, 75 checkpointed, 130 Ctrl-C).
 Every other command ends on SIGTERM or SIGUSR1 at once, with its worker processes, killed by the signal (exit
 status 128 + the signal's number: 143 for SIGTERM); see `_stop_command`.
+
+Building the parser imports no torch: `biprop --help` and shell completion start at once. Each command imports
+what it needs when it runs.
+
+Under a launcher (mpirun, srun) an error common to all ranks (a command-line error; a bad config, which rank 0
+builds and broadcasts; an error rank 0 broadcast: config.CommonError) is printed by rank 0 alone; any other
+error by the rank that has it, with "[rank R]" in front.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import io
 import json
 import logging
 import multiprocessing
@@ -17,17 +26,28 @@ import signal
 import sys
 from pathlib import Path
 
+import biprop_hpc
 from biprop_hpc.archive.results import add_results_commands
-from biprop_hpc.config import ConfigError, add_config_arguments, build_config, unknown_flag_error
-from biprop_hpc.data import DatasetMissing
+from biprop_hpc.config import (CommonError, ConfigError, add_config_arguments, build_config, config_yaml,
+                               unknown_flag_error)
+from biprop_hpc.configs_command import add_configs_commands
 from biprop_hpc.data.check import add_data_commands
-from biprop_hpc.dist import init_distributed
 from biprop_hpc.jobs import add_jobs_commands
 from biprop_hpc.packed.infer import add_infer_command
 from biprop_hpc.ticket.commands import add_evaluate_ticket_option, add_ticket_commands, evaluate_command
 from biprop_hpc.train.stopping import CHECKPOINTED_EXIT, STOP_SIGNALS, RunCheckpointed, StopRequests
 
 log = logging.getLogger("biprop_hpc")
+
+# Launchers' variables holding a process's rank (the launchers of dist.LAUNCHER_SIZE_VARS), known before Horovod
+# starts: a command-line error is the same on every rank, and only rank 0 prints it.
+LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "JSM_NAMESPACE_RANK", "SLURM_PROCID", "PMI_RANK",
+                      "PMIX_RANK")
+
+
+def _launcher_rank(environ=os.environ) -> int:
+    """This process's rank as its launcher says (0 without a launcher)."""
+    return next((int(environ[v]) for v in LAUNCHER_RANK_VARS if environ.get(v, "").isdigit()), 0)
 
 
 def _child_processes() -> list[int]:
@@ -68,11 +88,15 @@ def _stop_command(owner_pid: int, signum: int, frame) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biprop", allow_abbrev=False,
                                      description="Find Multi-Prize Tickets (BIPROP) in random networks.")
+    parser.add_argument("--version", action="version", version=f"biprop-hpc {biprop_hpc.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", allow_abbrev=False, help="search a ticket (or train dense) from a config",
                                 description="Run a config; any config key can be overridden as --key-name VALUE.")
     train.add_argument("--config", help="YAML config (see configs/)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the merged config (defaults < base files < --config < flags) as YAML and exit; "
+                            "the printed file, given as --config, runs the same config")
     add_config_arguments(train)
 
     evaluate = commands.add_parser("evaluate", allow_abbrev=False, help="score a checkpoint on a dataset split")
@@ -87,7 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     add_results_commands(commands)
     add_infer_command(commands)
     add_ticket_commands(commands)
+    models = commands.add_parser("models", allow_abbrev=False, help="list the model zoo with parameter counts",
+                                 description="Every model --model accepts, the input it is made for, and its "
+                                             "parameter counts at width_mult 1 (BIPROP layers: one score per weight).")
+    models.set_defaults(handler=_models_command)
+    add_configs_commands(commands)
     return parser
+
+
+def _models_command(args) -> None:
+    from biprop_hpc.models.registry import describe_models
+    print(describe_models())
 
 
 def _setup_logging(rank: int, size: int) -> None:
@@ -100,10 +134,16 @@ def _run(args, ctx, stop: StopRequests) -> dict:
     if hasattr(args, "handler"):  # data, jobs, results: commands that register their own handler
         return args.handler(args)
     if args.command == "train":
-        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         from biprop_hpc.train import train
-        return train(build_config(args.config, overrides), ctx, stop)
+        from biprop_hpc.train.loop import _on_root
+        # Rank 0 builds the config and broadcasts it (or its error, once): every rank runs rank 0's config.
+        return train(_on_root(ctx, "config", lambda: build_config(args.config, _overrides(args))), ctx, stop)
     return evaluate_command(args, ctx)  # --checkpoint or --ticket
+
+
+def _overrides(args) -> dict:
+    """`train`'s config flags: {key: value or None}."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biprop: error: {error}", file=sys.stderr)
         return 2
     parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        parser.error(unknown_flag_error(unknown[0]))
+    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions (README: The command line); answers, exits
+        import argcomplete
+        argcomplete.autocomplete(parser)
+    # Every rank parses the same command line: only rank 0 prints its error.
+    with contextlib.redirect_stderr(io.StringIO()) if _launcher_rank() > 0 else contextlib.nullcontext():
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.error(unknown_flag_error(unknown[0]))
+    if args.command == "train" and args.print_config:
+        try:
+            print(config_yaml(build_config(args.config, _overrides(args)), args.config), end="")
+        except ConfigError as error:
+            print(f"biprop: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.command != "train":
         for signum in STOP_SIGNALS:
             signal.signal(signum, functools.partial(_stop_command, os.getpid()))
@@ -127,11 +179,18 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.Signals[early]
     ctx, rank = None, ""
     try:
+        from biprop_hpc.dist import init_distributed
         ctx = init_distributed()
         _setup_logging(ctx.rank, ctx.size)
         rank = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
         result = _run(args, ctx, stop)
-    except (ConfigError, DatasetMissing, FileNotFoundError, ValueError) as error:
+    except CommonError as error:  # every rank has it: rank 0 says it, once
+        if ctx.rank == 0:
+            print(f"biprop: error: {error}", file=sys.stderr, flush=True)
+        # the others wait until it is said: their exit makes the launcher end rank 0, maybe before it printed
+        ctx.broadcast_object(None, name="common_error_reported")
+        return 2
+    except (ConfigError, FileNotFoundError, ValueError) as error:  # DatasetMissing is a FileNotFoundError
         print(f"{rank}biprop: error: {error}", file=sys.stderr)
         return 2
     except RunCheckpointed:

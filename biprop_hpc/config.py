@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
+import io
 import json
 import re
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from biprop_hpc.data.build import IMAGE_TREE_DATASETS, LOADERS
-from biprop_hpc.data.datasets import DATASETS
-from biprop_hpc.models.builder import EDGE_LAYER_TYPES, LAYER_TYPES
-from biprop_hpc.nn.init import FAN_SCALES, WEIGHT_INITS
+import biprop_hpc
+from biprop_hpc.choices import (EDGE_LAYER_TYPES, FAN_SCALES, FILE_DATASETS, IMAGE_TREE_DATASETS, LAYER_TYPES,
+                                LOADERS, WEIGHT_INITS)
+from biprop_hpc.package_data import config_file
 
 # Old names accepted for compatibility with the original code: name -> key.
 # `prune_rate` was the original's name for the fraction of weights KEPT (not pruned).
@@ -37,7 +40,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),
     "loader": LOADERS,
-    "dataset": tuple(DATASETS) + IMAGE_TREE_DATASETS,
+    "dataset": FILE_DATASETS + IMAGE_TREE_DATASETS,
 }
 
 
@@ -47,38 +50,45 @@ CHOICES = {
 # resampling filter: the sample plan and augmentation parameters are the same for every loader. config_name is
 # not one: it names what was run, and is part of the run's path anyway.)
 EXECUTION_KEYS = ("name", "out", "device", "threads", "save_every", "resume", "new_name",
-                  "log_interval", "data", "loader", "loader_workers", "eval_batch_size", "channels_last",
-                  "paper_top1")
+                  "log_interval", "log_seconds", "data", "loader", "loader_workers", "eval_batch_size",
+                  "channels_last", "paper_top1")
 
 
 class ConfigError(ValueError):
     """A config value, key or file is wrong; the message says which and how to fix it."""
 
 
+class CommonError(ConfigError):
+    """A bad-input error that every rank of a run raises alike, because rank 0 found it and broadcast it to all
+    (train.loop._on_root: the config, the run directory, the checkpoint to resume). Rank 0 reports it; the other
+    ranks exit with the same code without a word."""
+
+
 @dataclass
 class Config:
     # --- run ---
-    name: str = ""                 # run name; defaults to the config file's stem
+    name: str = ""                 # run name, the run directory's last part; "" means seed<seed>
     out: str = "runs"              # runs go to <out>/<config_name>/keep=<k>/<name>/
-    config_name: str = ""          # set from the config file's stem
-    seed: int = 0
+    config_name: str = ""          # the runs' directory under out; "" means the config file's stem (or default)
+    seed: int = 0                  # seeds the random weights, scores, data order and augmentation
     device: str = "auto"           # auto: CUDA when available, else CPU
     threads: int = 0               # torch CPU threads per process (0: torch's default)
     save_every: int = 0            # also keep checkpoints/epoch_<N>.pt every N epochs (0: never)
     resume: str = ""               # "", "auto" (the run directory's last.pt if present) or a checkpoint path
     pretrained: str = ""           # start from this checkpoint's scores and weights (ours or the original code's)
     new_name: bool = False         # if the run directory holds a run: use <name>_2, <name>_3, ... (else an error)
-    log_interval: int = 50         # TensorBoard scalars every N steps
+    log_interval: int = 50         # TensorBoard scalars (and, without a terminal, a progress line) every N steps
+    log_seconds: float = 60.0      # no terminal: a progress line every log_interval steps or N s (0: steps only)
     amp: str = "none"              # mixed precision on CUDA: none | bf16 | fp16
     channels_last: bool = False    # NHWC memory format (faster convolutions on recent GPUs)
     # --- data ---
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist" # read from its files, or an image tree (imagefolder, imagenet)
     data: str = ""                 # dataset directory; "" means the dataset's standard location
     val_fraction: float = 0.1      # held out from the training data to choose the best checkpoint
     train_subset: int = 0          # use only the first N training images (0: all); for quick runs and tests
     test_subset: int = 0           # evaluate only the first N test images (0: all)
     batch_size: int = 128          # PER PROCESS (rank); the global batch is batch_size * world size
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512     # per process, for validation and test
     augment: bool = True           # the dataset's standard training augmentation (none for IDX sets)
     # image trees (dataset imagefolder / imagenet): loader and preprocessing
     loader: str = "auto"           # auto (DALI when installed, else torch) | dali | dali-cpu | torch
@@ -88,31 +98,31 @@ class Config:
     random_area_min: float = 0.08  # training crops cover [random_area_min, 1] of the image area
     skip_bad_images: bool = False  # skip (and count) non-image files instead of stopping with an error
     # --- model ---
-    model: str = "conv2"
-    width_mult: float = 1.0
+    model: str = "conv2"           # a model of the zoo: `biprop models` lists them
+    width_mult: float = 1.0        # multiplies every layer's channels
     layer_type: str = "biprop"     # biprop: search a ticket; dense: train the same network's weights
     keep_ratio: float = 0.5        # fraction of each layer's weights KEPT (alias: prune_rate)
-    weight_init: str = "kn"
+    weight_init: str = "kn"        # random weights: kn normal, sc signed constant, uc constant; u...: fan unscaled
     # what kn/sc/uc multiply the fan by: kept_fraction (k, our correction) | pruned_fraction (1 - k, the
     # original's formula, in the paper configs) | none; ukn/usc/uuc always use the plain fan
     fan_scale: str = "kept_fraction"
-    first_layer: str = "biprop"    # biprop | trained (dense, learned) | frozen (dense, random)
-    last_layer: str = "biprop"
+    first_layer: str = "biprop"    # the first layer: biprop | trained (dense, learned) | frozen (dense, random)
+    last_layer: str = "biprop"     # the last layer: as first_layer
     learn_batchnorm: bool = False  # learn BN affine parameters (the paper's "+BN")
     # --- optimisation ---
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4     # applied to the scores and learned dense weights; to BN affine (1-D) ones only
-    bn_weight_decay: bool = False  # with bn_weight_decay (the original's SGD did so); false: 1-D params exempt
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = "cosine"
-    warmup_epochs: int = 0
-    milestones: list[int] = field(default_factory=list)
-    lr_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    epochs: int = 10
+    optimizer: str = "sgd"         # sgd (momentum, nesterov) or adam (adam_betas)
+    lr: float = 0.1                # learning rate (scaled when lr_reference_batch > 0)
+    momentum: float = 0.9          # SGD momentum
+    nesterov: bool = False         # SGD with Nesterov momentum
+    weight_decay: float = 1e-4     # on the scores and learned dense weights; on 1-D ones as bn_weight_decay says
+    bn_weight_decay: bool = False  # weight decay on 1-D params (BN affine) too, as the original's SGD did
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's two betas
+    lr_schedule: str = "cosine"    # per epoch; warmup_cosine uses warmup_epochs, multistep milestones, lr_gamma
+    warmup_epochs: int = 0         # warmup_cosine: epochs of linear warmup
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1          # multistep: the lr factor at each milestone
+    label_smoothing: float = 0.0   # cross-entropy label smoothing, in [0, 1)
+    epochs: int = 10               # epochs to train
     lr_reference_batch: int = 0    # > 0: lr is per this many images, scaled by global batch / this (Goyal et al.)
     # --- distributed (Horovod) ---
     fp16_allreduce: bool = False   # compress gradients to fp16 for the allreduce
@@ -137,6 +147,9 @@ class Config:
             raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        if self.log_seconds < 0:
+            raise ConfigError(f"log_seconds: must be >= 0 (0: progress lines every log_interval steps only), "
+                              f"got {self.log_seconds}")
         for key in ("epochs", "batch_size", "eval_batch_size", "log_interval", "backward_passes_per_step",
                     "crop_size", "resize_size"):
             if getattr(self, key) < 1:
@@ -255,8 +268,8 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     """The keys of a YAML config, with its `base:` file(s) (relative to it) merged underneath."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. "
-                          "configs/fashion-mnist/conv2_mpt1-32.yaml)")
+        raise ConfigError(f"config file {path} does not exist: give a YAML file or the name of a packaged config "
+                          "(`biprop configs list`), e.g. configs/fashion-mnist/conv2_mpt1-32.yaml")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: `base:` files form a cycle")
     try:
@@ -273,23 +286,70 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     return merged
 
 
+@functools.lru_cache(maxsize=1)
+def field_comments() -> dict[str, str]:
+    """Each Config key's comment in the class above, the one source of its --help text: the comment that ends
+    the key's line, else the comment lines right above it (not a `# --- section ---` line)."""
+    module = Path(__file__).read_text()  # (inspect.getsource(Config) parses the whole module: slow)
+    start = module.index("\nclass Config:")
+    source = module[start:module.index("\n    def ", start)] + "\n"
+    comments = {token.start[0]: token.string.lstrip("# ").rstrip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    texts = {}
+    for number, line in enumerate(lines, start=1):
+        declared = re.match(r"    (\w+)\s*:", line)
+        if not declared or declared.group(1) not in FIELDS:
+            continue
+        above = []
+        while (number - 1 - len(above) in comments and lines[number - 2 - len(above)].lstrip().startswith("#")
+               and not lines[number - 2 - len(above)].lstrip().startswith("# ---")):
+            above.insert(0, comments[number - 1 - len(above)])
+        texts[declared.group(1)] = comments.get(number) or " ".join(above)
+    return texts
+
+
+def default_text(value) -> str:
+    """A default as the command line (and YAML) would write it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value) if value != "" else '""'
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--key-with-dashes` flag per config key (and alias); values stay None unless given."""
+    """One `--key-with-dashes` flag per config key (and alias), its help the key's comment in Config, its
+    default and its allowed values; values stay None unless given (validation is Config's, one place)."""
     group = parser.add_argument_group("config overrides (any key of the YAML config)")
+    comments = field_comments()
+    defaults = Config().to_dict()
     for name in list(FIELDS) + list(ALIASES):
         key = ALIASES.get(name, name)
         kind = _TYPES[key]
         flag = "--" + name.replace("_", "-")
+        text = comments[key] if key == name else f"the original code's name of --{key.replace('_', '-')}"
+        help_text = f"{text} (default: {default_text(defaults[key])})".replace("%", "%%")
         if kind is bool:
-            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction)
+            action = group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                                        help=help_text)
         elif typing.get_origin(kind) is list:
-            group.add_argument(flag, dest=name, default=None, nargs="*", metavar=key.upper())
+            action = group.add_argument(flag, dest=name, default=None, nargs="*", metavar=key.upper(),
+                                        help=help_text)
         else:
-            group.add_argument(flag, dest=name, default=None, metavar=key.upper())
+            metavar = "{" + ",".join(CHOICES[key]) + "}" if key in CHOICES else key.upper()
+            action = group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
+        if key in CHOICES:  # shell completion offers them (argcomplete calls an action's `completer`)
+            action.completer = functools.partial(_offer, CHOICES[key])
+
+
+def _offer(choices: tuple, **_context) -> tuple:
+    return choices
 
 
 def build_config(config_path: str | None, overrides: dict) -> Config:
     """Defaults < YAML (with bases) < command-line `overrides` (keys with None values are ignored)."""
+    config_path = config_path and config_file(config_path)  # a file, or a packaged config's name
     values = read_yaml(config_path) if config_path else {}
     if config_path:
         values.setdefault("config_name", Path(config_path).stem)
@@ -304,7 +364,25 @@ def build_config(config_path: str | None, overrides: dict) -> Config:
     return cfg
 
 
+def config_yaml(cfg: Config, config_path: str | None = None) -> str:
+    """`cfg` as a YAML config (`train --print-config`) that, given as --config, builds `cfg` again. Two values
+    that follow from others are left out while they do: config_name, the stem of the config file (so a copy
+    under another name runs as that name), and name, seed<seed>."""
+    values = cfg.to_dict()
+    derived = {"config_name": Path(config_path).stem if config_path else "default", "name": f"seed{cfg.seed}"}
+    left_out = [key for key, value in derived.items() if values[key] == value]
+    header = (f"# biprop-hpc {biprop_hpc.__version__}: the merged config of `biprop train"
+              f"{' --config ' + config_path if config_path else ''} ...`\n")
+    if left_out:
+        header += "# left out, as they follow from the file's name and the seed: " + ", ".join(
+            f"{key} {values.pop(key)}" for key in left_out) + "\n"
+    return header + yaml.safe_dump(values, sort_keys=False, default_flow_style=None, width=1000)
+
+
 def unknown_flag_error(flag: str) -> str:
+    if not flag.startswith("-"):  # argparse leaves a command's positional arguments split by options over
+        return (f"unexpected argument {flag!r}: give a command's positional arguments (e.g. results' PATHs) "
+                "together, before or after its options")
     key = flag.lstrip("-").split("=")[0].replace("-", "_")
     hint = _closest(key)
     if hint:

@@ -1,3 +1,5 @@
+import argparse
+import contextlib
 import gzip
 import hashlib
 from pathlib import Path
@@ -21,6 +23,16 @@ def epochs_done(archive: Path) -> int:
         return len(read_archive(archive).metrics["epoch"]) if archive.exists() else 0
     except ArchiveError:
         return 0
+
+
+def call_command(add_commands, argv: list, cwd: Path):
+    """Run one `biprop` command in-process (no signal handlers, no distributed init) in directory `cwd`:
+    `add_commands` registers it (e.g. jobs.add_jobs_commands), `argv` is its command line without `biprop`."""
+    parser = argparse.ArgumentParser(prog="biprop")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(map(str, argv)))
+    with contextlib.chdir(cwd):
+        return args.handler(args)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:

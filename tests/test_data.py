@@ -35,6 +35,9 @@ def test_missing_dataset_says_where_and_how(tmp_path):
         load_splits("mnist", str(tmp_path / "partial"))
     with pytest.raises(DatasetMissing, match="cifar-10-batches-py"):
         load_splits("cifar10", str(tmp_path / "absent"))
+    # no --data and no standard directory: said as such, not "data_batch_1 not found in ." (Path("") is cwd)
+    with pytest.raises(DatasetMissing, match="no --data given, and it has no standard directory"):
+        load_splits("cifar10", "")
 
 
 def test_cifar10_reader(tmp_path):

@@ -1,7 +1,7 @@
 """`biprop jobs`: rendering for SLURM, LSF and Flux, sweeps, manifests, status, and the restart logic of the
 scripts run with the scheduler's commands replaced by recording fakes (no scheduler needed).
 The same scripts under a real one-node Slurm cluster: test_jobs_slurm.py."""
-import argparse
+import dataclasses
 import json
 import os
 import re
@@ -14,11 +14,16 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import call_command
+from image_tree import make_image_tree
 
 from biprop_hpc.archive import METRICS, RunRecord, read_archive, write_archive
 from biprop_hpc.config import ConfigError, build_config
+from biprop_hpc.data import DATASETS, DatasetMissing
+from biprop_hpc.data.build import build_data
 from biprop_hpc.dist import scheduler_job_id
-from biprop_hpc.jobs import add_jobs_commands
+from biprop_hpc.jobs import add_jobs_commands, checks
 from biprop_hpc.jobs.resources import Resources, parse_time
 from biprop_hpc.jobs.schedulers import SCHEDULERS, index_ranges
 from biprop_hpc.jobs.status import latest_job_ids
@@ -26,28 +31,27 @@ from biprop_hpc.train.checkpoint import load_checkpoint
 from biprop_hpc.train.stopping import DEADLINE_REASON, StopRequests
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "fashion-mnist" / "conv2_mpt1-32.yaml"
+# Resolved as the jobs record it: configs/ is a link to the packaged biprop_hpc/configs.
+CONFIG = (REPO / "configs" / "fashion-mnist" / "conv2_mpt1-32.yaml").resolve()
 BIG_JOB = ["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "10", "--time", "12h", "--queue", "pbatch",
            "--account", "bank1", "--max-running", "3", "--max-restarts", "3"]
 
 
 def jobs(*argv: str, cwd: Path):
-    """Run `biprop jobs ARGV` in-process (no signal handlers, no distributed init), in directory cwd."""
-    parser = argparse.ArgumentParser(prog="biprop")
-    add_jobs_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["jobs", *map(str, argv)])
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return args.handler(args)
-    finally:
-        os.chdir(old)
+    """Run `biprop jobs ARGV` in-process, in directory cwd."""
+    return call_command(add_jobs_commands, ["jobs", *argv], cwd)
 
 
 def render(scheduler: str, tmp_path: Path, *extra: str, name: str = "job") -> Path:
     jobs("render", "--scheduler", scheduler, "--config", CONFIG, "--out", tmp_path / "runs", "--job-name", name,
          *extra, cwd=tmp_path)
     return tmp_path / "runs" / "sweeps" / name / "job.sh"
+
+
+def manifest_run_dirs(manifest: Path) -> list[Path]:
+    """The manifest's run directories: recorded relative to its directory (absolute by version 1)."""
+    runs = json.loads(manifest.read_text())["runs"]
+    return [(manifest.parent / run["run_dir"]).resolve() for run in runs]
 
 
 def directives(script: Path, prefix: str) -> list[str]:
@@ -146,9 +150,11 @@ def test_sweep_combinations_each_get_a_run_directory(tmp_path):
     manifest = json.loads((tmp_path / "runs" / "sweeps" / "s" / "manifest.json").read_text())
     runs = manifest["runs"]
     assert [run["index"] for run in runs] == [1, 2, 3, 4, 5, 6]
-    assert [Path(run["run_dir"]).relative_to(tmp_path / "runs").as_posix() for run in runs] == [
+    assert runs[0]["run_dir"] == "../../conv2_mpt1-1/keep=0.5/seed0_augment=false_epochs=3"   # where it moves
+    found = manifest_run_dirs(tmp_path / "runs" / "sweeps" / "s" / "manifest.json")
+    assert [d.relative_to(tmp_path / "runs").as_posix() for d in found] == [
         f"conv2_mpt1-{kind}/keep={k}/seed0_augment=false_epochs=3" for kind in ("1", "32") for k in ("0.5", "0.2", "0.1")]
-    assert runs[4]["args"] == ["--config", str(REPO / "configs/fashion-mnist/conv2_mpt1-32.yaml"),
+    assert runs[4]["args"] == ["--config", str((REPO / "configs/fashion-mnist/conv2_mpt1-32.yaml").resolve()),
                                "--out", str(tmp_path / "runs"), "--no-augment", "--epochs", "3", "--keep-ratio", "0.2",
                                "--name", "seed0_augment=false_epochs=3"]
     assert manifest["submissions"] == [] and manifest["scheduler"] == "slurm"
@@ -170,9 +176,10 @@ def test_fixed_overrides_that_change_results_are_part_of_the_run_name(tmp_path):
     equal values written differently (0.10, 0.1) give one name; a path value is named by a digest."""
     def run_dirs(name, *extra):
         jobs("render", "--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", tmp_path, "--job-name",
-             name, "--data", tmp_path / "some data", "--threads", "2", "--device", "cpu", *extra, cwd=tmp_path)
-        manifest = json.loads((tmp_path / "sweeps" / name / "manifest.json").read_text())
-        return [Path(run["run_dir"]).relative_to(tmp_path).as_posix() for run in manifest["runs"]]
+             name, "--data", tmp_path / "some data", "--no-check-data", "--threads", "2", "--device", "cpu", *extra,
+             cwd=tmp_path)
+        found = manifest_run_dirs(tmp_path / "sweeps" / name / "manifest.json")
+        return [d.relative_to(tmp_path).as_posix() for d in found]
 
     first = run_dirs("a", "--sweep", "keep_ratio=0.5,0.2", "--lr", "0.1")
     second = run_dirs("b", "--sweep", "keep_ratio=0.5,0.1", "--lr", "0.01")
@@ -200,6 +207,98 @@ def test_index_ranges():
     assert index_ranges([4]) == "4"
 
 
+# --- checks before queueing --------------------------------------------------------------------------------
+
+CONFIGS = CONFIG.parents[1]
+
+
+def train_says(config: Path, overrides: dict) -> str:
+    """What `biprop train` says when a run starts (build_data, as Run does) and its data is not there."""
+    with pytest.raises(DatasetMissing) as refused:
+        build_data(build_config(str(config), overrides), 0, 1, torch.device("cpu"))
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("config, flags", [
+    ("cifar10/conv2_mpt1-32_kn.yaml", {"data": "empty"}),            # a directory without the CIFAR-10 batches
+    ("fashion-mnist/conv2_mpt1-32.yaml", {"data": "empty"}),         # ... without the four IDX files
+    ("fashion-mnist/conv2_mpt1-32.yaml", {}),                        # its standard directory absent
+    ("imagenet/wrn50-2_mpt1-32_sc.yaml", {"data": "nowhere"}),       # a tree that does not exist
+    ("imagenet/wrn50-2_mpt1-32_sc.yaml", {"data": "no-val"}),        # a tree without val/
+    ("fashion-mnist/conv2_mpt1-32.yaml", {"dataset": "imagenet"}),   # an image tree and no --data
+    ("fashion-mnist/default.yaml", {}),                              # the config's relative data/... is absent
+])
+def test_missing_data_is_refused_before_anything_is_written(tmp_path, monkeypatch, config, flags):
+    """Every way a run's data can be missing is refused at render, in the words `biprop train` would use at
+    the start of the job, naming the runs and --no-check-data; with --no-check-data the job is written."""
+    (tmp_path / "empty").mkdir()
+    make_image_tree(tmp_path / "no-val", classes=2, per_class={"train": 1})
+    assert DATASETS["fashion-mnist"].default_dir == "/usr/share/datasets/fashion-mnist"   # README
+    standard = dataclasses.replace(DATASETS["fashion-mnist"], default_dir=str(tmp_path / "standard"))
+    monkeypatch.setitem(DATASETS, "fashion-mnist", standard)
+    monkeypatch.chdir(tmp_path)   # relative data paths are the job's working directory's, as train's
+    flags = {key: str(tmp_path / value) if key == "data" else value for key, value in flags.items()}
+    given = [word for key, value in flags.items() for word in (f"--{key}", value)]
+    argv = ["render", "--scheduler", "slurm", "--config", CONFIGS / config, "--time", "1h", "--out", tmp_path / "runs",
+            "--job-name", "j", "--sweep", "seed=0,1,2", *given]
+    with pytest.raises(DatasetMissing) as refused:
+        jobs(*argv, cwd=tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"runs 1-3 ({tmp_path / 'runs'}/") and " and 2 more): " in message, message
+    assert train_says(CONFIGS / config, flags) in message
+    assert message.endswith("if the path exists only on the compute nodes, pass --no-check-data)")
+    assert not (tmp_path / "runs").exists()
+    jobs(*argv, "--no-check-data", cwd=tmp_path)
+    assert (tmp_path / "runs" / "sweeps" / "j" / "job.sh").exists()
+
+
+def test_a_dataset_without_a_standard_directory_needs_data_exit_2(tmp_path):
+    """CIFAR-10 has no standard directory and nothing is downloaded: without --data the job is refused (exit 2,
+    nothing written), where `biprop train` would have looked for the batches in its working directory."""
+    done = subprocess.run([sys.executable, "-m", "biprop_hpc", "jobs", "submit", "--scheduler", "slurm", "--config",
+                           str(CONFIGS / "cifar10" / "conv4_mpt1-32_kn.yaml"), "--time", "1h"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert (f"biprop: error: run 1 ({tmp_path}/runs/conv4_mpt1-32_kn/keep=0.5/seed0): dataset cifar10: no --data "
+            "given, and it has no standard directory. Point --data at the extracted `cifar-10-batches-py` "
+            "directory") in done.stderr
+    assert "pass --no-check-data" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_that_is_there_passes_and_each_path_is_looked_at_once(tmp_path, tiny_idx_dir, monkeypatch):
+    original, looked = checks.check_data_path, []
+    monkeypatch.setattr(checks, "check_data_path", lambda *place: looked.append(place) or original(*place))
+    jobs("render", "--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", tmp_path / "runs", "--job-name",
+         "a", "--dataset", "mnist", "--data", tiny_idx_dir, "--sweep", "seed=" + ",".join(map(str, range(12))),
+         cwd=tmp_path)
+    assert looked == [("mnist", str(tiny_idx_dir))]   # 12 runs, one data path
+    make_image_tree(tmp_path / "tree", classes=2, per_class={"train": 1, "val": 1})
+    jobs("render", "--scheduler", "slurm", "--config", CONFIGS / "imagenet" / "wrn50-2_mpt1-32_sc.yaml", "--time",
+         "1h", "--out", tmp_path / "runs", "--job-name", "b", "--data", "tree", "--sweep", "keep_ratio=0.5,0.1",
+         cwd=tmp_path)
+    assert looked[1:] == [("imagenet", "tree")]   # relative to the working directory, as the job's
+    (tmp_path / "cifar").mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:   # what read_cifar10_split opens
+        (tmp_path / "cifar" / name).write_bytes(b"")
+    jobs("render", "--scheduler", "slurm", "--config", CONFIGS / "cifar10" / "conv2_mpt1-32_kn.yaml", "--time", "1h",
+         "--out", tmp_path / "runs", "--job-name", "c", "--data", tmp_path / "cifar", cwd=tmp_path)
+    assert all((tmp_path / "runs" / "sweeps" / name / "job.sh").exists() for name in "abc")
+
+
+def test_a_run_that_train_would_refuse_is_refused_at_render(tmp_path):
+    """Every run's config is built and checked as `biprop train` builds it: a bad value names its run."""
+    argv = ["render", "--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", tmp_path / "runs"]
+    with pytest.raises(ConfigError, match=r"^run 2 \(.*/keep=0.5/seed0_model=conv9\): model: unknown 'conv9'.* "
+                                          r"Known models: .*conv2, "):
+        jobs(*argv, "--sweep", "model=conv2,conv9", cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"^run 3 of 4 \(epochs=0, lr=0.1\): epochs: must be >= 1, got 0$"):
+        jobs(*argv, "--sweep", "epochs=3,0", "--sweep", "lr=0.1,0.2", cwd=tmp_path)
+    with pytest.raises(ConfigError, match=r"^lr_schedule multistep needs milestones"):
+        jobs(*argv, "--lr-schedule", "multistep", cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
 # --- rendered scripts --------------------------------------------------------------------------------------
 
 def test_slurm_script(tmp_path):
@@ -212,7 +311,7 @@ def test_slurm_script(tmp_path):
     text = script.read_text()
     assert "srun --mpi=pmix --nodes=2 --ntasks-per-node=4 --cpus-per-task=10 --wait=60 \\\n" in text
     assert '"${BIPROP[@]}" train "${RUN[@]}" --resume auto &' in text
-    assert f"source {REPO}/env/site.sh" in text
+    assert f"source {(REPO / 'env' / 'site.sh').resolve()}" in text  # a link to the packaged site.sh
     assert f"6) RUN=(--config {CONFIG} --out {tmp_path}/runs --keep-ratio 0.2 --seed 2) ;;" in text
     assert 'scontrol requeue "$JOB"' in text and "JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" in text
 
@@ -576,7 +675,7 @@ def test_submit_records_job_ids_and_resubmits_only_unfinished_runs(tmp_path, mon
     assert calls(tmp_path) == [f"sbatch --parsable --array=1-4 {directory}/job.sh"]
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["submissions"][0]["job_ids"] == {"1": "100_1", "2": "100_2", "3": "100_3", "4": "100_4"}
-    runs = [Path(run["run_dir"]) for run in manifest["runs"]]
+    runs = manifest_run_dirs(directory / "manifest.json")
     settings = [build_config(str(CONFIG), {"keep_ratio": k, "out": str(tmp_path / "runs")}).to_dict()
                 for k in (0.5, 0.2)]
     archive(runs[0], "completed", 3, top1=84.43, config=settings[0])   # done
@@ -687,6 +786,50 @@ def test_status_from_archives_and_logs_without_a_scheduler(tmp_path, monkeypatch
     assert [states[i]["state"] for i in range(1, 6)] == ["completed", "running", "failed", "checkpointed", "queued"]
     assert states[4]["restarts"] == 1 and states[1]["restarts"] == 2
     assert states[3]["log"] == [f"line {i}" for i in range(4, 12)]
+
+
+def test_a_moved_sweep_shows_the_states_of_its_runs(tmp_path, monkeypatch):
+    """The manifest records run directories relative to itself: after `mv` of the out directory, status still
+    finds every run's archive (with absolute paths it said "queued, no archive yet" for all of them)."""
+    env = fake_bin(tmp_path, {"sbatch": "echo 100"})   # no squeue: the scheduler cannot be asked
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("CALLS", env["CALLS"])
+    before, after = tmp_path / "scratch" / "runs", tmp_path / "project" / "moved runs"
+    jobs("submit", "--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", before, "--job-name", "s",
+         "--sweep", "keep_ratio=0.5,0.2,0.1", cwd=tmp_path)
+    runs = manifest_run_dirs(before / "sweeps" / "s" / "manifest.json")
+    archive(runs[0], "completed", 3, restarts=1, top1=84.43)
+    archive(runs[1], "checkpointed", 1)
+
+    def states(where: Path) -> list[tuple]:
+        [job] = jobs("status", where / "sweeps" / "s", "--json", cwd=tmp_path)["jobs"]
+        return [(run["state"], run["detail"], run["restarts"], run["run_dir"]) for run in job["runs"]]
+
+    def expected(where: Path) -> list[tuple]:
+        return [("completed", "test top-1 84.43", 1, str(where / "conv2_mpt1-32/keep=0.5/seed0")),
+                ("checkpointed", "checkpointed in epoch 2/3; a continuation resumes it, or submit again", 0,
+                 str(where / "conv2_mpt1-32/keep=0.2/seed0")),
+                ("queued", "no archive yet (the scheduler cannot be asked)", 0,
+                 str(where / "conv2_mpt1-32/keep=0.1/seed0"))]
+
+    assert states(before) == expected(before)
+    after.parent.mkdir()
+    before.rename(after)
+    assert states(after) == expected(after)
+
+
+def test_dry_run_prints_the_submit_command_and_writes_nothing(tmp_path, capsys):
+    """README: `--dry-run` prints the script, manifest and submit command and writes nothing."""
+    argv = ["--scheduler", "slurm", "--config", CONFIG, "--time", "1h", "--out", tmp_path / "runs", "--job-name", "d",
+            "--sweep", "keep_ratio=0.5,0.2", "--dry-run"]
+    script = tmp_path / "runs" / "sweeps" / "d" / "job.sh"
+    for command in ("render", "submit"):
+        jobs(command, *argv, cwd=tmp_path)
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"==> {script} <==\n#!/bin/bash\n")
+        assert f"==> {script.parent / 'manifest.json'} <==\n{{" in printed
+        assert printed.endswith(f"\nwould submit: sbatch --parsable --array=1-2 {script}\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- what the scripts give the ranks: the batch job's id and a deadline ------------------------------------

@@ -34,12 +34,15 @@ def biprop(cluster, cwd: Path, *args: str, timeout: float = 120) -> subprocess.C
 
 
 def submit(cluster, cwd: Path, *args: str, ranks: int = 2) -> dict:
-    """Submit with `biprop jobs submit`; the manifest it wrote."""
+    """Submit with `biprop jobs submit`; the manifest it wrote, its runs' directories made absolute (it records
+    them relative to its own directory)."""
     done = biprop(cluster, cwd, "jobs", "submit", "--scheduler", "slurm", "--gpus-per-node", "0",
                   "--tasks-per-node", str(ranks), "--time", "10m", *args)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     manifest = next(cwd.rglob("sweeps/*/manifest.json"))
-    return json.loads(manifest.read_text()) | {"path": str(manifest)}
+    recorded = json.loads(manifest.read_text())
+    runs = [{**run, "run_dir": str((manifest.parent / run["run_dir"]).resolve())} for run in recorded["runs"]]
+    return recorded | {"path": str(manifest), "runs": runs}
 
 
 def job_ids(manifest: dict) -> list[str]:

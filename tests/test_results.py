@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny_dataset
-from biprop_hpc.archive import SCHEMA_VERSION, read_archive, write_archive
+from biprop_hpc.archive import SCHEMA_VERSION, RunRecord, read_archive, write_archive
 from biprop_hpc.archive.results import (TABLE_COLUMNS, TICKET_FORMAT, RunRow, apply_filters, collect_runs,
                                         config_key_types, find_runs, parse_filters, varying_keys)
 from biprop_hpc.cli import main
@@ -264,7 +264,8 @@ def test_plots_are_pngs_of_the_expected_size(sweep, tmp_path):
     assert run_cli(sweep, "--plot", tmp_path / "plots") == 0
     for name in ("top1_vs_keep_ratio.png", "val_top1_curves.png"):
         path = tmp_path / "plots" / name
-        assert png_size(path) == (1000, 600)
+        width, height = png_size(path)     # 10 x 6 inches at 100 dpi, cropped to what is drawn (bbox "tight")
+        assert 700 <= width <= 1000 and 450 <= height <= 600, (width, height)
         assert path.stat().st_size > 20_000, "a plot with lines, not an empty frame"
 
 
@@ -393,3 +394,167 @@ def test_paper_configs_carry_the_reported_accuracy():
         name = f"{path.parent.name}/{path.stem}"
         if path.parent.name in ("cifar10", "imagenet") and not path.stem.startswith("_"):
             assert build_config(str(path), {}).paper_top1 == reported.get(name, 0.0), name
+
+
+# --- issue 18: one value per option, a clear error for no archives, stdout holding one format, archive
+# dimensions and strings, plots of many groups ---------------------------------------------------------------
+
+def test_group_by_and_filter_take_one_value_so_a_path_after_them_is_a_path(sweep, tmp_path, capsys):
+    """Bug: with nargs="+" `results --group-by keep_ratio RUNS` took RUNS as a second key (and no path was left)."""
+    assert run_cli("--group-by", "keep_ratio", sweep) == 0
+    assert "grouped by: keep_ratio" in capsys.readouterr().out
+    assert run_cli("--filter", "keep_ratio=0.25", sweep, "--csv", tmp_path / "f.csv") == 0
+    assert sorted(r["run_id"] for r in csv_rows(tmp_path / "f.csv") if r["config"]) == [
+        "tiny/keep=0.25/seed0", "tiny/keep=0.25/seed1", "tiny/keep=0.25/seed2"]
+    # Repeated: a run must match every key (any of a key's comma-separated values).
+    assert run_cli("--filter", "keep_ratio=0.5", "--filter", "seed=0,1", "--filter", "layer_type=biprop", sweep,
+                   "--csv", tmp_path / "f.csv") == 0
+    assert sorted(r["run_id"] for r in csv_rows(tmp_path / "f.csv") if r["config"]) == [
+        "tiny/keep=0.5/seed0", "tiny/keep=0.5/seed1"]
+    # Several keys: repeated, or comma-separated; the same groups either way.
+    assert run_cli("--group-by", "config_name", "--group-by", "keep_ratio", sweep, "--csv", tmp_path / "a.csv") == 0
+    assert run_cli(sweep, "--group-by", "config_name,keep_ratio", "--csv", tmp_path / "b.csv") == 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert len(csv_rows(tmp_path / "a.csv")) == 3
+    capsys.readouterr()
+    # The old habit of several values after one option: the stray key is no path, and the error says why.
+    assert run_cli("--group-by", "config_name", "keep_ratio", sweep) == 2
+    err = capsys.readouterr().err
+    assert "keep_ratio: no such file or directory" in err and "--group-by a,b" in err
+
+
+def test_no_run_archive_under_the_paths_is_an_error(tmp_path, capsys):
+    """Bug: an empty directory printed "0 runs:" and exited 0, as if a sweep had found nothing wrong."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(empty) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert f"no run archive under {empty}" in err and "*.h5" in err and "found no *.h5 file at all" in err
+    with h5py.File(empty / "foreign.h5", "w") as h5:   # an HDF5 file that is no archive is still no run
+        h5["x"] = np.arange(3)
+    assert run_cli(empty) == 2
+    assert "found only 1 HDF5 file that is not a run archive (1 other)" in capsys.readouterr().err
+
+
+def test_stdout_holds_only_the_requested_format(sweep, tmp_path, capsys):
+    """Bug: the command line printed a JSON result line after the table. Now stdout is the table alone, in the
+    format asked; with csv, json and md the notes (grouping, left out, passed over) go to stderr."""
+    assert run_cli(sweep, "--group-by", "auto") == 0
+    out = capsys.readouterr().out
+    assert not any(line.startswith("{") for line in out.splitlines())
+    assert out.splitlines()[-1].startswith("  ") and out.splitlines()[-1].endswith("/archive.h5)")  # a left-out run
+
+    assert run_cli(sweep, "--group-by", "auto", "--format", "csv", "--csv", tmp_path / "groups.csv") == 0
+    out, err = capsys.readouterr()
+    assert out.encode() == (tmp_path / "groups.csv").read_bytes()       # the same bytes as --csv FILE
+    assert "grouped by: config_name, keep_ratio, layer_type" in err and "left out of the statistics" in err
+
+    assert run_cli(sweep, "--group-by", "auto", "--format", "json") == 0
+    out, err = capsys.readouterr()
+    groups = json.loads(out)
+    expected = {(r["config_name"], r["layer_type"], float(r["keep_ratio"])): r
+                for r in csv_rows(tmp_path / "groups.csv")}
+    assert {(g["config_name"], g["layer_type"], g["keep_ratio"]): g for g in groups}.keys() == expected.keys()
+    for group in groups:
+        row = expected[(group["config_name"], group["layer_type"], group["keep_ratio"])]
+        assert group["runs"] == int(row["runs"]) and group["test_top1"] == float(row["test_top1"])
+        assert group["test_top1_std"] == (float(row["test_top1_std"]) if row["test_top1_std"] else None)
+    assert "grouped by:" in err
+
+    assert run_cli(sweep, "--format", "json", "--sort", "test_top1") == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 12 and list(runs[0]) == list(TABLE_COLUMNS)
+    by_id = {run["run_id"]: run for run in runs}
+    for run_id in REAL_COMPLETED:
+        assert by_id[run_id]["test_top1"] == archive_values(sweep / run_id / "archive.h5")["final"]["test_top1"]
+
+    assert run_cli(sweep, "--group-by", "auto", "--format", "md") == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 + len(expected)
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[:1] + lines[2:])
+    assert lines[0].split(" | ")[:4] == ["| config_name", "keep_ratio", "layer_type", "runs"]
+    assert lines[1] == "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    assert "left out of the statistics" in err
+
+
+def test_archive_metrics_have_an_epoch_dimension_and_text_reads_as_str(sweep, tmp_path):
+    """Bug: /metrics had no dimension scale (netCDF-4 readers made up phony_dim_0), and text attributes given as
+    bytes came back as bytes. What h5py reads is the truth here (https://docs.h5py.org/en/latest/strings.html:
+    variable-length strings in attributes are read as str; strings in datasets as bytes, always)."""
+    path = sweep / "tiny/keep=0.25/seed2/archive.h5"            # written by a real run (and requeued)
+    record = read_archive(path)
+    record.attrs.update(job_id=np.bytes_(b"4711_3"), launcher=b"srun")
+    write_archive(tmp_path / "archive.h5", record)
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep / "tiny/keep=0.5/seed0", runs / "tiny/keep=0.5/seed0")
+    assert run_cli(runs, "--out", tmp_path / "summary.h5") == 0
+    for file, group in ((path, "/"), (tmp_path / "archive.h5", "/"),
+                        (tmp_path / "summary.h5", "runs/tiny/keep=0.5/seed0")):   # the summary's copy too
+        with h5py.File(file, "r") as h5:
+            metrics = h5[group]["metrics"]
+            epoch = metrics["epoch"]
+            assert epoch.is_scale and epoch.attrs["NAME"] == b"epoch"
+            assert list(epoch[()]) == list(range(1, len(epoch) + 1))
+            for name in metrics:
+                if name != "epoch":
+                    assert metrics[name].dims[0].keys() == ["epoch"], name
+                    assert metrics[name].dims[0][0] == epoch
+            texts = {key: value for key, value in h5[group].attrs.items() if h5py.check_string_dtype(
+                h5[group].attrs.get_id(key).dtype)}
+            assert {"config", "status", "model", "job_id", "launcher"} <= texts.keys()
+            assert all(type(value) is str for value in texts.values()), texts
+            for table, fields in (("layers", ("name",)), ("restarts", ("time", "reason"))):
+                for field in fields:   # variable-length UTF-8 (h5py reads dataset strings as bytes regardless)
+                    info = h5py.check_string_dtype(h5[group][table].dtype[field])
+                    assert (info.encoding, info.length) == ("utf-8", None)
+    with h5py.File(tmp_path / "archive.h5", "r") as h5:
+        assert (h5.attrs["job_id"], h5.attrs["launcher"]) == ("4711_3", "srun")
+    assert read_archive(tmp_path / "archive.h5").restarts == record.restarts
+
+
+def many_groups(count: int) -> list[RunRow]:
+    """Completed runs of `count` settings (lr) x two keep ratios x two seeds, with long config names, so that the
+    keep-ratio plot has `count` lines and the learning curves 2 x `count`, with two-line legend entries."""
+    rows = []
+    for i in range(count):
+        for keep in (0.2, 0.5):
+            for seed in (0, 1):
+                settings = {"config_name": f"conv2_mpt1-32_kn_sweep_{i:02d}", "model": "conv2", "keep_ratio": keep,
+                            "lr": 0.01 * (i + 1), "seed": seed, "layer_type": "biprop"}
+                curve = [50.0 + i + epoch + seed for epoch in range(5)]
+                record = RunRecord(attrs={}, metrics={"epoch": [1, 2, 3, 4, 5], "val_top1": curve})
+                rows.append(RunRow(run_id=f"{i}/{keep}/{seed}", path="", status="completed", model="conv2",
+                                   type="MPT-1/32", keep_ratio=keep, seed=seed, test_top1=60.0 + i + seed,
+                                   settings=settings, record=record))
+    return rows
+
+
+def test_plots_of_13_groups_keep_the_legend_whole_and_every_line_distinct(tmp_path, monkeypatch):
+    """Bug: with 13 groups the legend ran off the figure and the 10 colours repeated (all lines solid, one
+    marker). The figures are caught as they are saved (Figure.savefig) and measured after a draw."""
+    from matplotlib.figure import Figure
+    from biprop_hpc.archive.plots import write_plots
+    saved = []
+    original = Figure.savefig
+
+    def catch(figure, path, **kwargs):
+        saved.append(figure)
+        return original(figure, path, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", catch)
+    write_plots(many_groups(13), tmp_path)
+
+    top1, curves = saved
+    for figure in saved:
+        figure.canvas.draw()
+        legend, frame = figure.axes[0].get_legend().get_window_extent(), figure.bbox
+        assert frame.x0 <= legend.x0 and legend.x1 <= frame.x1 and frame.y0 <= legend.y0 and legend.y1 <= frame.y1, \
+            (legend, frame)
+    lines = [container.lines[0] for container in top1.axes[0].containers]        # the errorbar lines
+    curves_lines = [line for line in curves.axes[0].get_lines() if not line.get_label().startswith("_")]
+    for drawn, count in ((lines, 13), (curves_lines, 26)):
+        styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in drawn}
+        assert len(drawn) == count and len(styles) == count, styles
+    from biprop_hpc.archive.plots import line_style
+    assert len({tuple(line_style(i).values()) for i in range(280)}) == 280     # README: 280 distinct lines

@@ -296,8 +296,8 @@ def test_a_signal_during_start_up_ends_a_command_before_it_starts(tmp_path, monk
 def test_trains_deadline_does_not_stop_other_commands(tmp_path, monkeypatch, own_signal_handlers):
     """BIPROP_STOP_AT (the job scripts' deadline for `train`) counts as a stop request for train only."""
     monkeypatch.setenv("BIPROP_STOP_AT", "1")          # long past
-    assert cli.main(["results", str(tmp_path), "--csv", str(tmp_path / "runs.csv")]) == 0
-    assert (tmp_path / "runs.csv").exists()
+    assert cli.main(["configs", "copy", "fashion-mnist/default", str(tmp_path) + "/"]) == 0
+    assert (tmp_path / "default.yaml").exists()
 
 
 def test_an_unsupported_launcher_is_a_one_line_error(tmp_path, monkeypatch, capsys, own_signal_handlers):

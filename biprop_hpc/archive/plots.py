@@ -1,4 +1,5 @@
-"""Plots of many runs for `biprop results --plot DIR` (matplotlib, Agg backend, PNG, 1000 x 600 pixels).
+"""Plots of many runs for `biprop results --plot DIR` (matplotlib, Agg backend, PNG at 100 dpi: 10 x 6 inches,
+taller when the legend needs it, saved with bbox_inches="tight" so the legend right of the axes is never cut).
 
 - `top1_vs_keep_ratio.png`: test top-1 against the keep ratio, mean over seeds with +- one (sample) standard
   deviation as error bars; one line per model and MPT type (and per value of any other setting that varies
@@ -7,6 +8,8 @@
 - `val_top1_curves.png`: validation top-1 per epoch, one line per group (every setting that varies except
   the seed), the mean over its runs with a band of +- one standard deviation.
 Only completed runs are drawn, as in the statistics. A plot with nothing to draw says so in its middle.
+Every line has its own (colour, marker, line style), see line_style: tab10's 10 colours alone repeat from the
+11th group on.
 """
 from __future__ import annotations
 
@@ -24,12 +27,24 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from biprop_hpc.archive.results import RunRow, group_runs, mean_std, varying_keys  # noqa: E402
 
 FIGURE_INCHES = (10, 6)
-DPI = 100                 # 1000 x 600 pixels
+DPI = 100                 # 1000 x 600 pixels, before the tight crop (and taller for a long legend)
 # Keys that the keep-ratio plot does not split lines by: the x axis itself, the type (lines vs dense
 # baselines) and the config's name (a sweep over keep ratios often uses one config file per ratio).
 NOT_LINE_KEYS = ("keep_ratio", "layer_type", "config_name")
 BARE_KEYS = ("config_name", "model", "layer_type")   # legend shows their values without the key
 LEGEND_CHARACTERS = 44                                # legend lines wrap at this width (the figure's right third)
+AXES_TOP = 0.92                                       # figure fraction; the legend hangs from the axes' top
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")         # 7, coprime with the 10 colours; "*" marks the paper
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def line_style(index: int) -> dict:
+    """Colour, marker and line style of the index-th line. Colours (tab10) and markers cycle together, so a
+    (colour, marker) pair repeats only after 10 x 7 = 70 lines; each further 70 lines take the next line style
+    (280 distinct lines)."""
+    colours = matplotlib.colormaps["tab10"].colors
+    return {"color": colours[index % len(colours)], "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": LINE_STYLES[index // (len(colours) * len(MARKERS)) % len(LINE_STYLES)]}
 
 
 def write_plots(rows: list[RunRow], directory: str | Path) -> list[Path]:
@@ -46,25 +61,26 @@ def plot_top1_vs_keep_ratio(done: list[RunRow], path: Path) -> Path:
     searched = [row for row in done if row.type != "dense" and row.test_top1 is not None]
     dense = [row for row in done if row.type == "dense" and row.test_top1 is not None]
     line_keys = [key for key in varying_keys(searched) if key not in NOT_LINE_KEYS]
-    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
     paper_shown = False
-    for line in group_runs(searched, line_keys):
-        color = next(colors)
+    lines = group_runs(searched, line_keys)
+    for index, line in enumerate(lines):
+        style = line_style(index)
         points = group_runs(line.runs, ["keep_ratio"])
         x = [100 * point.values["keep_ratio"] for point in points]
         stats = [mean_std([run.test_top1 for run in point.runs]) for point in points]
-        axes.errorbar(x, [mean for mean, _ in stats], yerr=[std or 0.0 for _, std in stats], color=color,
-                      marker="o", capsize=4, label=_label([line.runs[0].model, line.runs[0].type], line.values))
+        axes.errorbar(x, [mean for mean, _ in stats], yerr=[std or 0.0 for _, std in stats], **style,
+                      capsize=4, label=_label([line.runs[0].model, line.runs[0].type], line.values))
         for point, x_value in zip(points, x):
             paper = point.runs[0].paper_top1
             if paper is not None:
-                axes.plot([x_value], [paper], marker="*", markersize=14, color=color, markeredgecolor="black",
+                axes.plot([x_value], [paper], marker="*", markersize=14, color=style["color"], markeredgecolor="black",
                           linestyle="none", label=None if paper_shown else "paper (reported)")
                 paper_shown = True
     dense_keys = [key for key in varying_keys(dense) if key not in NOT_LINE_KEYS]
-    for baseline in group_runs(dense, dense_keys):
+    for index, baseline in enumerate(group_runs(dense, dense_keys), start=len(lines)):
         mean, _ = mean_std([run.test_top1 for run in baseline.runs])
-        axes.axhline(mean, color=next(colors), linestyle="--",
+        # Dashed and without markers: unlike every searched line.
+        axes.axhline(mean, color=line_style(index)["color"], linestyle="--",
                      label=_label([baseline.runs[0].model, "dense"], baseline.values,
                                   f"{mean:.2f} (n={len(baseline.runs)})"))
     axes.set_xlabel("weights kept (%)")
@@ -76,7 +92,7 @@ def plot_top1_vs_keep_ratio(done: list[RunRow], path: Path) -> Path:
 
 def plot_learning_curves(done: list[RunRow], path: Path) -> Path:
     figure, axes = plt.subplots(figsize=FIGURE_INCHES, dpi=DPI)
-    drawn = False
+    drawn = 0
     for group in group_runs(done, varying_keys(done)):
         per_epoch: dict[int, list[float]] = {}
         for run in group.runs:
@@ -88,16 +104,17 @@ def plot_learning_curves(done: list[RunRow], path: Path) -> Path:
         epochs = sorted(per_epoch)
         means = [statistics.mean(per_epoch[e]) for e in epochs]
         stds = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
-        (line,) = axes.plot(epochs, means, marker="." if len(epochs) < 30 else None,
-                            label=_label([], group.values, f"(n={len(group.runs)})"))
+        style = line_style(drawn)
+        axes.plot(epochs, means, **style, markersize=5, markevery=max(1, len(epochs) // 15),
+                  label=_label([], group.values, f"(n={len(group.runs)})"))
         axes.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                          color=line.get_color(), alpha=0.2)
-        drawn = True
+                          color=style["color"], alpha=0.2)
+        drawn += 1
     axes.set_xlabel("epoch")
     axes.set_ylabel("validation top-1 (%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title("Validation top-1 per epoch (mean \u00b1 std over the runs of each group)")
-    _finish(figure, axes, has_data=drawn, path=path)
+    _finish(figure, axes, has_data=drawn > 0, path=path)
     return path
 
 
@@ -113,10 +130,16 @@ def _label(first: list[str], values: dict, last: str = "") -> str:
 
 def _finish(figure, axes, has_data: bool, path: Path) -> None:
     axes.grid(True, alpha=0.3)
+    figure.subplots_adjust(left=0.07, right=0.66, top=AXES_TOP, bottom=0.1)
     if has_data:
-        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        legend = axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        # A legend taller than the axes would hang out of the figure: make the figure as tall as it needs
+        # (font sizes are in points, so the legend keeps its height in inches while the figure grows).
+        figure.canvas.draw()
+        legend_inches = legend.get_window_extent().height / figure.dpi
+        width, height = figure.get_size_inches()
+        figure.set_size_inches(width, max(height, (legend_inches + 0.2) / AXES_TOP))
     else:
         axes.text(0.5, 0.5, "no completed runs to draw", ha="center", va="center", transform=axes.transAxes)
-    figure.subplots_adjust(left=0.07, right=0.66, top=0.92, bottom=0.1)
-    figure.savefig(path, format="png")  # fixed size: no bbox_inches="tight"
+    figure.savefig(path, format="png", bbox_inches="tight")  # also keeps a long legend line whole
     plt.close(figure)

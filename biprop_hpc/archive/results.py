@@ -1,7 +1,13 @@
 """`biprop results`: many run archives -> one table, grouped statistics, a summary archive and plots.
 
-  biprop results PATH... [--filter KEY=VALUE ...] [--group-by KEY ... | --group-by auto] [--best]
-                 [--sort KEY] [--csv FILE] [--out SUMMARY.h5] [--plot DIR] [--stale-after SECONDS]
+  biprop results PATH... [--filter KEY=VALUE[,VALUE]]... [--group-by KEY[,KEY]... | --group-by auto]... [--best]
+                 [--sort KEY] [--format table|csv|json|md] [--csv FILE] [--out SUMMARY.h5] [--plot DIR]
+                 [--stale-after SECONDS]
+
+--filter and --group-by take one value each (repeat them, or list group keys with commas), so a path after
+them is a path, never one more key. stdout holds the requested format only (`--format`); with csv, json and md
+the notes (grouping, runs left out, files passed over) go to stderr. No run archive under the paths at all is an
+error (exit 2), not an empty table.
 
 The work goes one way, one step per section below: find the archives under the paths and read each
 (discovery and reading) -> one row per run (rows) -> filters, groups, statistics, best runs (grouping) ->
@@ -49,7 +55,8 @@ Summary archive (--out FILE, HDF5, rewritten whole from the runs found now, atom
   /groups    compound dataset, one row per group (with --group-by or --best): the group keys, runs, left_out,
              mean and std of best_val_top1, test_top1, test_top5, paper_top1, paper_diff, best_run_id
   /runs/<run id>/   one group per readable run (nested as the run layout): the archive's root attributes
-             plus source_path; metrics/ (datasets), final (attributes), layers and restarts (tables)
+             plus source_path; metrics/ (datasets, epoch their dimension scale), final (attributes), layers and
+             restarts (tables)
 The runs are COPIED, not linked (HDF5 external links): a summary must outlive its runs, which get moved,
 renamed or purged from scratch file systems, and an external link would dangle then; a link also resolves
 relative to where the summary is read, and reading through links would open (and depend on) every run
@@ -58,10 +65,12 @@ archive again. The copies are small (metrics per epoch, a few attributes; never 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,11 +79,12 @@ import h5py
 import numpy as np
 
 import biprop_hpc
-from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord, plain_value,
-                                            read_archive)
+from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord, attribute_value,
+                                            plain_value, read_archive, write_metrics)
 from biprop_hpc.files import replace_atomically
 
 ARCHIVE_NAME = "archive.h5"
+FORMATS = ("table", "csv", "json", "md")   # what `biprop results --format` prints on stdout
 SUMMARY_KIND = "biprop-hpc results summary"
 SUMMARY_VERSION = 1
 STALE_MIN_SECONDS = 600.0        # a running run silent for longer than this...
@@ -502,15 +512,25 @@ def aligned(header: list[str], cells: list[list[str]], right: list[bool]) -> str
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in cells])
 
 
-def format_runs(rows: list[RunRow]) -> str:
+def markdown(header: list[str], cells: list[list[str]], right: list[bool]) -> str:
+    """A Markdown (GitHub) table of the same cells: numbers right-aligned, `|` in a cell escaped."""
+    def line(values):
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+    return "\n".join([line(header), "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+                     + [line(row) for row in cells])
+
+
+def run_view(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]]:
+    """The run table as shown (terminal, Markdown): header, formatted cells, which columns are right-aligned."""
     header = [view[0] for view in RUN_VIEW]
     right = [spec != "s" for _, _, spec in RUN_VIEW]
     cells = [[_text(column(row) if callable(column) else getattr(row, column), spec)
               for _, column, spec in RUN_VIEW] for row in rows]
-    return aligned(header, cells, right)
+    return header, cells, right
 
 
-def format_groups(summaries: list[dict], keys: list[str]) -> str:
+def group_view(summaries: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]], list[bool]]:
+    """The group table as shown: header, formatted cells, right-aligned columns."""
     header = keys + ["runs", "left out", "best val", "test top-1", "top-5", "paper", "diff", "best run (val)"]
     numeric_keys = [group_columns(summaries, keys)[key] is float for key in keys]
     right = numeric_keys + [True] * 7 + [False]
@@ -520,7 +540,15 @@ def format_groups(summaries: list[dict], keys: list[str]) -> str:
                  for c in STAT_COLUMNS]
         cells.append([_text(s[k]) for k in keys] + [str(s["runs"]), str(s["left_out"])] + stats
                      + [_text(s["paper_top1"], ".2f"), _text(s["paper_diff"], "+.2f"), s["best_run_id"] or "-"])
-    return aligned(header, cells, right)
+    return header, cells, right
+
+
+def format_runs(rows: list[RunRow]) -> str:
+    return aligned(*run_view(rows))
+
+
+def format_groups(summaries: list[dict], keys: list[str]) -> str:
+    return aligned(*group_view(summaries, keys))
 
 
 def format_left_out(rows: list[RunRow]) -> str:
@@ -528,7 +556,8 @@ def format_left_out(rows: list[RunRow]) -> str:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
-    lines = [f"{len(rows)} runs: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
+    lines = [f"{len(rows)} run{'' if len(rows) == 1 else 's'}" + (": " if rows else "")
+             + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
     left_out = [row for row in rows if not row.completed]
     if left_out:
         lines.append("left out of the statistics:")
@@ -547,20 +576,37 @@ def format_passed_over(passed_over: list[tuple[Path, str]]) -> str:
     return f"passed over {files} ({', '.join(kinds)})"
 
 
+def csv_text(columns: list[str], records: list[dict]) -> str:
+    """Plain values (full precision; empty for missing), one header line; the csv module's CRLF line ends."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(["" if record[c] is None else _csv_value(record[c]) for c in columns])
+    return buffer.getvalue()
+
+
 def write_csv(path: str, columns: list[str], records: list[dict]) -> None:
-    """Plain values (full precision; empty for missing), one header line; replaced atomically."""
+    """csv_text into `path`, replaced atomically (the same bytes as `--format csv` on stdout)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            for record in records:
-                writer.writerow(["" if record[c] is None else _csv_value(record[c]) for c in columns])
+            handle.write(csv_text(columns, records))
 
     replace_atomically(path, write)
 
 
 def _csv_value(value):
     return json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+
+def json_text(records: list[dict]) -> str:
+    """The records as one JSON list of objects; missing and non-finite numbers are null (valid JSON)."""
+    def plain(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return list(value) if isinstance(value, tuple) else value
+    return json.dumps([{key: plain(value) for key, value in record.items()} for record in records],
+                      indent=2, allow_nan=False)
 
 
 def run_record(row: RunRow) -> dict:
@@ -610,11 +656,9 @@ def write_summary(path: str, rows: list[RunRow], groups: tuple[list[str], list[d
 
 def _copy_run(group: h5py.Group, row: RunRow) -> None:
     record = row.record
-    group.attrs.update(record.attrs)
+    group.attrs.update({key: attribute_value(value) for key, value in record.attrs.items()})
     group.attrs["source_path"] = os.path.realpath(row.path)
-    metrics = group.create_group("metrics")
-    for name, values in record.metrics.items():
-        metrics.create_dataset(name, data=np.asarray(values, dtype=np.int64 if name == "epoch" else np.float64))
+    write_metrics(group.create_group("metrics"), record.metrics)   # epoch as the dimension scale, as in archives
     group.create_group("final").attrs.update(record.final)
     layers = [(layer["name"], layer["weights"], layer["kept"], layer["alpha"]) for layer in record.layers]
     group.create_dataset("layers", data=np.array(layers, dtype=LAYER_DTYPE))
@@ -630,18 +674,26 @@ def add_results_commands(subparsers) -> None:
         "results", allow_abbrev=False, help="table, statistics, summary archive and plots of many runs",
         description="Read every run archive under the paths (read-only, without locks: safe beside running "
                     "jobs) and print one row per run; unreadable, unfinished and stale runs are listed and "
-                    "left out of the statistics. A run is stale when its " + STALE_RULE + ". Give PATHs first: "
-                    "--filter and --group-by take several values.")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="run directories, sweep directories or archives")
-    parser.add_argument("--filter", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="keep runs whose config matches, e.g. keep_ratio=0.5 model=conv2,conv4")
-    parser.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
-                        help="config keys to group by (mean +- std over the other runs, e.g. seeds), or "
-                             "'auto': every key that varies, except the seed, name and execution keys")
+                    "left out of the statistics. A run is stale when its " + STALE_RULE + ". --filter and "
+                    "--group-by take one value each: repeat them. No run archive under the paths is an error "
+                    "(exit 2).")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="run directories, sweep directories or archives (give them together)")
+    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                        help="keep runs whose config matches (any of the comma-separated values); repeat for "
+                             "more keys, e.g. --filter keep_ratio=0.5 --filter model=conv2,conv4")
+    parser.add_argument("--group-by", action="append", default=[], metavar="KEY[,KEY]",
+                        help="config keys to group by (mean +- std over the other runs, e.g. seeds), "
+                             "comma-separated or repeated, or 'auto': every key that varies, except the seed, "
+                             "name and execution keys")
     parser.add_argument("--best", action="store_true",
                         help="show the best run per group by validation top-1 (groups: --group-by, else auto)")
     parser.add_argument("--sort", metavar="KEY", help="sort ascending by a column or config key, e.g. test_top1")
-    parser.add_argument("--csv", metavar="FILE", help="also write the printed table as CSV")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="what stdout holds: table (aligned text with notes; the default), csv, json (a list "
+                             "of row or group objects) or md (a Markdown table); with csv, json and md the "
+                             "notes go to stderr")
+    parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (full precision)")
     parser.add_argument("--out", metavar="FILE", help="write (or update) the summary archive, e.g. summary.h5")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots (top-1 against keep ratio, learning curves)")
     parser.add_argument("--stale-after", type=float, metavar="SECONDS",
@@ -649,17 +701,21 @@ def add_results_commands(subparsers) -> None:
     parser.set_defaults(handler=run_results_command)
 
 
-def run_results_command(args) -> dict:
-    """Run `biprop results`: print the table; return a JSON-able summary of what was read and written."""
+def run_results_command(args) -> None:
+    """Run `biprop results`: print the table in the chosen format (and only it) on stdout; notes, in formats
+    other than table, on stderr. Returns None, so the command line prints no result line after it."""
     key_types = config_key_types()
     filters = parse_filters(args.filter, key_types)
-    group_by = _checked_group_keys(args.group_by, key_types)
+    group_by = _checked_group_keys(split_keys(args.group_by), key_types)
     if args.sort and not (args.sort in TABLE_COLUMNS or args.sort in GROUP_COLUMNS or args.sort in key_types):
         raise ValueError(f"--sort {args.sort}: not a column ({', '.join(TABLE_COLUMNS)}; with --group-by: "
                          f"{', '.join(GROUP_COLUMNS)}) nor a config key")
     if args.stale_after is not None and args.stale_after <= 0:
         raise ValueError(f"--stale-after {args.stale_after}: give a number of seconds > 0")
+    _check_paths(args.paths, key_types)
     rows, passed_over = find_runs(args.paths, stale_after=args.stale_after, exclude=args.out)
+    if not rows:
+        raise ValueError(no_runs_message(args.paths, passed_over, args.out))
     rows = default_run_order(apply_filters(rows, filters))
     if args.best and not group_by:
         group_by = ["auto"]
@@ -667,40 +723,73 @@ def run_results_command(args) -> dict:
     groups = group_runs(rows, keys) if group_by else []
     summaries = [group_summary(group) for group in groups]
 
-    table, columns, records = _shown_table(args, rows, groups, summaries, keys)
-    print(table)
+    shown, columns, records = _shown_table(args, rows, groups, summaries, keys)
+    notes = format_left_out(rows) + ("\n" + format_passed_over(passed_over) if passed_over else "")
     if group_by:
-        print(f"\ngrouped by: {', '.join(keys) or '(nothing varies: one group)'}")
-    print("\n" + format_left_out(rows), flush=True)
-    if passed_over:
-        print(format_passed_over(passed_over), flush=True)
+        notes = f"grouped by: {', '.join(keys) or '(nothing varies: one group)'}\n\n{notes}"
+    if args.format == "table":
+        print(f"{aligned(*shown)}\n\n{notes}", flush=True)
+    else:  # stdout holds the table alone, for a pipe or a file
+        if args.format == "csv":
+            sys.stdout.write(csv_text(columns, records))
+        elif args.format == "json":
+            sys.stdout.write(json_text(records) + "\n")
+        else:
+            sys.stdout.write(markdown(*shown) + "\n")
+        sys.stdout.flush()
+        print(notes, file=sys.stderr, flush=True)
 
     if args.csv:
         write_csv(args.csv, columns, records)
     if args.out:
         write_summary(args.out, rows, (keys, summaries) if group_by else None,
                       {"sources": [str(p) for p in args.paths], "filters": args.filter, "group_by": keys})
-    plots = []
     if args.plot:
         from biprop_hpc.archive.plots import write_plots  # matplotlib only when plots are asked for
-        plots = [str(path) for path in write_plots(rows, args.plot)]
-    return {"command": "results", "runs": len(rows), "completed": sum(row.completed for row in rows),
-            "passed_over": len(passed_over), "groups": len(groups), "csv": args.csv or "",
-            "summary": args.out or "", "plots": plots}
+        write_plots(rows, args.plot)
+    return None
+
+
+def no_runs_message(paths: list[str], passed_over: list[tuple[Path, str]], out: str | None) -> str:
+    """Why there is nothing to report: where was looked, for what, and what was found instead."""
+    found = (f"; found only {format_passed_over(passed_over).removeprefix('passed over ')}" if passed_over
+             else "; found no *.h5 file at all")
+    skipped = f", the --out file {out} skipped" if out else ""
+    return (f"no run archive under {', '.join(map(str, paths))} (looked for *.h5 run archives: "
+            f"<out>/<config_name>/keep=<k>/<name>/archive.h5, hidden directories skipped{skipped}){found}. "
+            "Give a sweep's or run's output directory (the config's `out`), or an archive.h5")
+
+
+def _check_paths(paths: list[str], key_types: dict) -> None:
+    """A missing path that is a config key (or KEY=VALUE) was most likely meant as a second value of --group-by
+    or --filter, which take one value each: say so."""
+    for given in paths:
+        if not Path(given).exists():
+            hint = ""
+            if given.partition("=")[0] in key_types or given == "auto":
+                hint = (" (--group-by and --filter take one value each: repeat the option, e.g. --filter a=1 "
+                        "--filter b=2, or join group keys with commas: --group-by a,b)")
+            raise ValueError(f"{given}: no such file or directory{hint}")
+
+
+def split_keys(values: list[str]) -> list[str]:
+    """--group-by values (repeated and/or comma-separated) -> the keys, in order, each once."""
+    return list(dict.fromkeys(key.strip() for value in values for key in value.split(",") if key.strip()))
 
 
 def _shown_table(args, rows: list[RunRow], groups: list[Group], summaries: list[dict],
-                 keys: list[str]) -> tuple[str, list[str], list[dict]]:
-    """The table to print and to write as CSV: the best runs, the groups, or every run; and its records."""
+                 keys: list[str]) -> tuple[tuple, list[str], list[dict]]:
+    """The table to show: the best runs, the groups, or every run, as its view (header, cells, right-aligned
+    columns; run_view, group_view), and as its columns and records (CSV, JSON)."""
     if args.best:
         best = {id(run) for run in map(best_run, groups) if run is not None}
         shown = sort_rows([row for row in rows if id(row) in best], args.sort, RunRow.value)
     elif groups:
         summaries = sort_rows(summaries, args.sort, _summary_value)
-        return format_groups(summaries, keys), list(group_columns(summaries, keys)), summaries
+        return group_view(summaries, keys), list(group_columns(summaries, keys)), summaries
     else:
         shown = sort_rows(rows, args.sort, RunRow.value)
-    return format_runs(shown), list(TABLE_COLUMNS), [run_record(row) for row in shown]
+    return run_view(shown), list(TABLE_COLUMNS), [run_record(row) for row in shown]
 
 
 def _checked_group_keys(keys: list[str], key_types: dict) -> list[str]:

@@ -7,13 +7,19 @@ Schema (version 2; version 1 files, which lack the restart records and the heart
                end_time, heartbeat (ISO 8601, UTC; refreshed at every write, i.e. at least once per epoch),
                python_version, torch_version, biprop_hpc_version, horovod_version, dali_version ("" when absent)
   /metrics/    1-D datasets, one entry per completed epoch: epoch, lr, train_loss, train_top1, val_loss,
-               val_top1, val_top5, epoch_seconds, images_per_second
+               val_top1, val_top5, epoch_seconds, images_per_second. `epoch` is an HDF5 dimension scale named
+               "epoch", attached to dimension 0 of the others (netCDF-4 readers such as h5netcdf and xarray see an
+               `epoch` dimension with `epoch` as its coordinate; archives written before have no scale)
   /final       attributes once the run completed: best_epoch, test_loss, test_top1, test_top5, and
                best_val_top1 when the run had a validation split (absent, never NaN, when it had none)
   /layers      compound table, one row per BIPROP layer: name, weights, kept, alpha
   /restarts    compound table, one row per continuation of the run: time (ISO 8601 UTC), epoch (epochs
                finished before it), step (steps of the next epoch already done), reason (why the previous
                process stopped, e.g. "SIGUSR1", or "unknown (no stop recorded)" after a kill)
+
+Every text is a variable-length UTF-8 string (h5py.string_dtype()): h5py reads the attributes back as str;
+string fields of datasets (layers, restarts) it reads as bytes, as it does every dataset string (h5py's
+documented rule; read_archive decodes them, `.asstr()` or `.astype("T")` does for a plain string dataset).
 
 `status` checkpointed means the run stopped on a signal after writing a mid-epoch checkpoint, and waits for a
 continuation (`--resume auto`). The whole file is written to a temporary name and renamed over the old one
@@ -63,11 +69,8 @@ def write_archive(path: str | Path, record: RunRecord) -> None:
         with h5py.File(tmp, "w", locking=False) as h5:
             h5.attrs["schema_version"] = SCHEMA_VERSION
             for key, value in record.attrs.items():
-                h5.attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses too
-            metrics = h5.create_group("metrics")
-            for name in METRICS:
-                dtype = np.int64 if name == "epoch" else np.float64
-                metrics.create_dataset(name, data=np.asarray(record.metrics[name], dtype=dtype))
+                h5.attrs[key] = attribute_value(value)
+            write_metrics(h5.create_group("metrics"), {name: record.metrics[name] for name in METRICS})
             final = h5.create_group("final")
             for key, value in record.final.items():
                 final.attrs[key] = value
@@ -77,6 +80,33 @@ def write_archive(path: str | Path, record: RunRecord) -> None:
             h5.create_dataset("restarts", data=np.array(rows, dtype=RESTART_DTYPE))
 
     replace_atomically(path, write)
+
+
+def attribute_value(value):
+    """A value as an HDF5 attribute that h5py reads back as it was: text (str, bytes, numpy strings) as one
+    variable-length UTF-8 string, read back as str; a list of texts as an array of those; anything else as is."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode()
+    if isinstance(value, str):
+        return str(value)  # str subclasses and numpy str too
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, bytes)) for v in value):
+        return np.array([attribute_value(v) for v in value], dtype=h5py.string_dtype())
+    return value
+
+
+def write_metrics(group: h5py.Group, metrics: dict) -> None:
+    """Per-epoch metrics as 1-D datasets in `group`; `epoch` becomes the dimension scale of the others (same
+    length), so that netCDF-4 readers see one `epoch` dimension instead of a phony one per dataset."""
+    datasets = {name: group.create_dataset(name, data=np.asarray(values, dtype=np.int64 if name == "epoch"
+                                                               else np.float64))
+                for name, values in metrics.items()}
+    scale = datasets.get("epoch")
+    if scale is None:
+        return
+    scale.make_scale("epoch")
+    for name, dataset in datasets.items():
+        if name != "epoch" and dataset.shape == scale.shape:
+            dataset.dims[0].attach_scale(scale)
 
 
 def read_archive(path: str | Path) -> RunRecord:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from biprop_hpc.choices import IMAGE_TREE_DATASETS
 from biprop_hpc.data.batches import EvalBatches, TrainBatches, TrainPlan, eval_steps
 from biprop_hpc.data.datasets import held_out_split, load_splits
 from biprop_hpc.data.images import DaliLoader, Preprocess, TorchLoader, dali_available
@@ -15,8 +16,6 @@ from biprop_hpc.data.tree import load_split
 
 log = logging.getLogger("biprop_hpc")
 
-IMAGE_TREE_DATASETS = ("imagefolder", "imagenet")
-LOADERS = ("auto", "dali", "dali-cpu", "torch")
 
 
 @dataclass
@@ -53,11 +52,15 @@ def choose_loader(requested: str) -> str:
     return requested
 
 
-def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
-    if not cfg.data:
-        raise DatasetMissing(f"dataset {cfg.dataset}: give the image tree's root with --data DIR "
+def image_tree_root(dataset: str, data: str) -> Path:
+    if not data:
+        raise DatasetMissing(f"dataset {dataset}: give the image tree's root with --data DIR "
                              "(DIR/train/<class>/*.jpg, DIR/val/..., optionally DIR/test/...)")
-    root = Path(cfg.data)
+    return Path(data)
+
+
+def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
+    root = image_tree_root(cfg.dataset, cfg.data)
     train = load_split(root, "train", skip_bad=cfg.skip_bad_images)
     if (root / "test").is_dir():
         val = load_split(root, "val", train.classes, cfg.skip_bad_images)

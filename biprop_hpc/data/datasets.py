@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from biprop_hpc.data.readers import DatasetMissing, read_cifar10_split, read_idx_split
+from biprop_hpc.data.readers import (DatasetMissing, cifar10_files, idx_files, read_cifar10_split,
+                                     read_idx_split)
 
 VAL_SPLIT_SEED = 20210501
 
@@ -17,6 +18,7 @@ VAL_SPLIT_SEED = 20210501
 @dataclass(frozen=True)
 class DatasetInfo:
     reader: object
+    files: object       # (directory, split, how_to_get) -> the paths `reader` opens; DatasetMissing if one is not
     default_dir: str
     how_to_get: str
     mean: tuple
@@ -27,15 +29,15 @@ class DatasetInfo:
 
 DATASETS = {
     "fashion-mnist": DatasetInfo(
-        read_idx_split, "/usr/share/datasets/fashion-mnist",
+        read_idx_split, idx_files, "/usr/share/datasets/fashion-mnist",
         "Install it with `apt-get install dataset-fashion-mnist` (Debian) or point --data at a directory "
         "with the four IDX files.", (0.2860,), (0.3530,), 10, 0),
     "mnist": DatasetInfo(
-        read_idx_split, "",
+        read_idx_split, idx_files, "",
         "Point --data at a directory with the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...).",
         (0.1307,), (0.3081,), 10, 0),
     "cifar10": DatasetInfo(
-        read_cifar10_split, "",
+        read_cifar10_split, cifar10_files, "",
         "Point --data at the extracted `cifar-10-batches-py` directory of the python version of CIFAR-10 "
         "(nothing is downloaded at run time).", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 4),
 }
@@ -80,13 +82,29 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+def dataset_directory(dataset: str, data_dir: str = "") -> Path:
+    """Where `dataset` is read from: `data_dir`, else its standard directory; DatasetMissing when there is none."""
+    info = dataset_info(dataset)
+    location = data_dir or info.default_dir
+    if not location:  # Path("") would be the working directory
+        raise DatasetMissing(f"dataset {dataset}: no --data given, and it has no standard directory. "
+                             f"{info.how_to_get}")
+    if not Path(location).is_dir():
+        raise DatasetMissing(f"dataset {dataset}: directory {location!r} does not exist. {info.how_to_get}")
+    return Path(location)
+
+
+def check_dataset_files(dataset: str, data_dir: str = "") -> None:
+    """DatasetMissing, in the words training would use, unless every file `dataset` reads is there (nothing read)."""
+    info, directory = dataset_info(dataset), dataset_directory(dataset, data_dir)
+    for split in ("train", "test"):
+        info.files(directory, split, info.how_to_get)
+
+
 def load_splits(dataset: str, data_dir: str = "", val_fraction: float = 0.1,
                 train_subset: int = 0, test_subset: int = 0) -> DataSplits:
     info = dataset_info(dataset)
-    directory = Path(data_dir or info.default_dir)
-    if not str(directory) or not directory.is_dir():
-        raise DatasetMissing(f"dataset {dataset}: directory {str(directory) or '(none given)'!r} "
-                             f"does not exist. {info.how_to_get}")
+    directory = dataset_directory(dataset, data_dir)
     train = Split(*info.reader(directory, "train", info.how_to_get))
     test = Split(*info.reader(directory, "test", info.how_to_get))
     if train_subset:

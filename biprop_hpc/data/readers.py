@@ -2,16 +2,26 @@
 
 Each returns uint8 images N x C x H x W and int64 labels, fully in memory. Nothing is downloaded.
 """
+from __future__ import annotations
+
 import gzip
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# The python version of CIFAR-10: the pickled batches of each split.
+CIFAR10_FILES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
 }
 IDX_DTYPES = {0x08: np.uint8}
 
@@ -25,6 +35,19 @@ def _find(directory: Path, stem: str, how_to_get: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DatasetMissing(f"{stem}[.gz] not found in {directory}. {how_to_get}")
+
+
+def idx_files(directory: Path, split: str, how_to_get: str) -> list[Path]:
+    """The images and labels files of an IDX split (gzipped or not); DatasetMissing names a missing one."""
+    return [_find(directory, stem, how_to_get) for stem in IDX_FILES[split]]
+
+
+def cifar10_files(directory: Path, split: str, how_to_get: str) -> list[Path]:
+    """The pickled batches of a CIFAR-10 split; DatasetMissing names a missing one."""
+    for name in CIFAR10_FILES[split]:
+        if not (directory / name).is_file():
+            raise DatasetMissing(f"{name} not found in {directory}. {how_to_get}")
+    return [directory / name for name in CIFAR10_FILES[split]]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -43,21 +66,17 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def read_idx_split(directory: Path, split: str, how_to_get: str) -> tuple[torch.Tensor, torch.Tensor]:
-    image_stem, label_stem = IDX_FILES[split]
-    images = read_idx(_find(directory, image_stem, how_to_get))
-    labels = read_idx(_find(directory, label_stem, how_to_get))
+    import torch  # here: data.check imports this module for the command line, which starts without torch
+    images, labels = map(read_idx, idx_files(directory, split, how_to_get))
     if len(images) != len(labels):
         raise ValueError(f"{directory}: {split} has {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
 def read_cifar10_split(directory: Path, split: str, how_to_get: str) -> tuple[torch.Tensor, torch.Tensor]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    import torch
     images, labels = [], []
-    for name in names:
-        path = directory / name
-        if not path.is_file():
-            raise DatasetMissing(f"{name} not found in {directory}. {how_to_get}")
+    for path in cifar10_files(directory, split, how_to_get):
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))

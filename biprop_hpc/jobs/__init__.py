@@ -20,6 +20,7 @@ from biprop_hpc.jobs.resources import TIME_FORMATS, Resources, parse_time
 from biprop_hpc.jobs.schedulers import SCHEDULERS, scheduler_named
 from biprop_hpc.jobs.status import format_states, run_states
 from biprop_hpc.jobs.sweep import config_key, parse_sweeps, plan_runs
+from biprop_hpc.package_data import config_file
 
 DEFAULT_SWEEPS = Path("runs") / "sweeps"
 
@@ -74,10 +75,16 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
                              "(glob patterns allowed: --sweep config='configs/cifar10/conv?_mpt1-*_kn.yaml')")
     parser.add_argument("--job-name", default="", help="job and sweep directory name (default: the config's "
                                                        "name, or sweep-<digest of the runs>)")
-    parser.add_argument("--template", default="", metavar="FILE", help="job template (default: jobs/<scheduler>.sh.j2)")
+    parser.add_argument("--template", default="", metavar="FILE",
+                        help="job template (default: the packaged <scheduler>.sh.j2; jobs/ in a clone)")
     parser.add_argument("--site-env", default=str(SITE_ENV), metavar="FILE",
-                        help="sourced by the job before training (default: env/site.sh)")
-    parser.add_argument("--dry-run", action="store_true", help="print the script, manifest and command; write nothing")
+                        help="sourced by the job before training (default: the packaged site.sh; env/site.sh "
+                             "in a clone)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the script, the manifest and the submit command; write nothing")
+    parser.add_argument("--no-check-data", dest="check_data", action="store_false",
+                        help="do not check each run's data path before writing or submitting (for a path that "
+                             "only the compute nodes see)")
     add_config_arguments(parser)
 
 
@@ -99,7 +106,8 @@ def job_from_args(args) -> Job:
                           max_restarts=args.max_restarts, max_running=args.max_running)
     given = {config_key(name, "--" + name.replace("_", "-")): getattr(args, name)
              for name in [*FIELDS, *ALIASES] if getattr(args, name, None) is not None}
-    runs = plan_runs(args.config, given, parse_sweeps(args.sweep))
+    runs = plan_runs(args.config and config_file(args.config), given, parse_sweeps(args.sweep),
+                     check_data=args.check_data)
     template = Path(args.template) if args.template else TEMPLATES / f"{scheduler.name}.sh.j2"
     return Job(scheduler, args.job_name or default_job_name(runs), resources, runs, template.resolve(),
                Path(args.site_env).resolve(), Path.cwd())
@@ -111,6 +119,7 @@ def render_job(job: Job, dry_run: bool) -> None:
     everything = [run.index for run in job.runs]
     if dry_run:
         _print_dry_run(job, script, manifest)
+        print(f"would submit: {job.command_line(everything)}")
         return
     job.write(script, manifest)
     print(f"{job.name}: {len(job.runs)} run(s)\n  script   {job.script}\n  manifest {job.manifest}\n"

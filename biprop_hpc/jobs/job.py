@@ -2,7 +2,8 @@
 
 Everything of one job lives in its sweep directory `<out>/sweeps/<job name>/`:
   job.sh            the rendered script (re-rendered at every submission)
-  manifest.json     runs (index, biprop train arguments, run directory, swept values) and submissions
+  manifest.json     runs (index, biprop train arguments, run directory relative to the manifest's
+                    directory, swept values) and submissions
                     (time, command, resources, job id of every run submitted)
   logs/             the scheduler's output files, run<index>_job<id>.out
   restarts/         LSF only: how often each job was requeued
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -26,11 +28,15 @@ from biprop_hpc.files import replace_atomically
 from biprop_hpc.jobs.resources import Resources
 from biprop_hpc.jobs.schedulers import Scheduler, index_ranges
 from biprop_hpc.jobs.sweep import Run
+from biprop_hpc.package_data import packaged_path
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATES = REPO / "jobs"
-SITE_ENV = REPO / "env" / "site.sh"
-MANIFEST_VERSION = 1
+# Package data (a wheel holds only biprop_hpc/**); in a clone jobs/*.sh.j2 and env/site.sh link to these files.
+TEMPLATES = packaged_path("biprop_hpc.jobs", "templates")
+SITE_ENV = packaged_path("biprop_hpc.jobs", "site.sh")
+# Version 2 records run directories relative to the manifest's directory, so a sweep moved with its out
+# directory (`mv runs /p/runs`) still finds them; version 1 recorded absolute ones, which are read as they are.
+MANIFEST_VERSION = 2
+READABLE_MANIFEST_VERSIONS = (1, 2)
 # Directive values that every directive parser reads as one word without quotes.
 BARE_DIRECTIVE = re.compile(r"[A-Za-z0-9_@%+=:,./{}\[\]-]+")
 
@@ -104,7 +110,9 @@ class Job:
     def new_manifest(self) -> dict:
         return {"manifest_version": MANIFEST_VERSION, "name": self.name, "scheduler": self.scheduler.name,
                 "created": now(), "script": str(self.script), "workdir": str(self.workdir),
-                "runs": [run.to_dict() for run in self.runs], "submissions": []}
+                "runs": [{**run.to_dict(), "run_dir": os.path.relpath(run.run_dir, self.directory)}
+                         for run in self.runs],
+                "submissions": []}
 
     def existing_manifest(self) -> dict | None:
         """The manifest of an earlier render/submit of this job; ConfigError if it describes another job."""
@@ -114,7 +122,7 @@ class Job:
         if manifest["scheduler"] != self.scheduler.name:
             raise ConfigError(f"job {self.name!r} ({self.manifest}) is a {manifest['scheduler']} job; "
                               "give this one another --job-name")
-        recorded = [(run["args"], run["run_dir"]) for run in manifest["runs"]]
+        recorded = [(run["args"], str(recorded_run_dir(run, self.directory))) for run in manifest["runs"]]
         if recorded != [(run.args, run.run_dir) for run in self.runs]:
             raise ConfigError(f"job {self.name!r} ({self.manifest}) has other runs than these; "
                               "give this one another --job-name")
@@ -171,9 +179,19 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"{path}: not a readable job manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ConfigError(f"{path}: not a biprop-hpc job manifest (version {MANIFEST_VERSION})")
+    if not isinstance(manifest, dict) or manifest.get("manifest_version") not in READABLE_MANIFEST_VERSIONS:
+        raise ConfigError(f"{path}: not a biprop-hpc job manifest (version "
+                          f"{' or '.join(map(str, READABLE_MANIFEST_VERSIONS))})")
     return manifest
+
+
+def recorded_run_dir(run: dict, directory: Path) -> Path:
+    """A manifest run's directory: absolute as recorded (version 1), or relative to `directory`, the
+    manifest's directory wherever it is now (resolved first, so that `..` climbs out of a symlink's target)."""
+    recorded = Path(run["run_dir"])
+    if recorded.is_absolute():
+        return recorded
+    return Path(os.path.normpath(Path(directory).resolve() / recorded))
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

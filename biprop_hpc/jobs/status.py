@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from biprop_hpc.archive import ArchiveError, read_archive
+from biprop_hpc.jobs.job import recorded_run_dir
 from biprop_hpc.jobs.schedulers import QUEUED, RUNNING, Scheduler
 
 LOG_LINES = 8
@@ -76,8 +77,9 @@ def run_states(manifest: dict, directory: Path, scheduler: Scheduler) -> list[Ru
 
 
 def _state(run: dict, job_id: str, seen: dict | None, directory: Path) -> RunState:
-    state = RunState(run["index"], run["run_dir"], job_id, "")
-    archive = Path(run["run_dir"]) / "archive.h5"
+    run_dir = recorded_run_dir(run, directory)
+    state = RunState(run["index"], str(run_dir), job_id, "")
+    archive = run_dir / "archive.h5"
     record = None
     if archive.exists():
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from biprop_hpc.archive import ArchiveError, read_archive
 from biprop_hpc.config import (ALIASES, EXECUTION_KEYS, FIELDS, SAFE_NAME, Config, ConfigError, build_config,
                               describe_differences, result_differences)
+from biprop_hpc.jobs.checks import check_runs
 
 _TYPES = typing.get_type_hints(Config)
 # Keys a job sets itself: every run continues with --resume auto, in the run directory of its config.
@@ -82,8 +83,12 @@ def config_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]]) -> list[Run]:
+def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]],
+              check_data: bool = True) -> list[Run]:
     """One Run per combination of the sweep values, on top of `config` and the `given` config overrides.
+
+    Every run's config is built and validated as `biprop train` builds it, and checked (checks.py: its model,
+    and its data path unless not check_data), so a job that would fail at its start is refused here.
 
     A run's identity is its directory: every result-changing key given here (fixed or swept) that is not
     part of the path <out>/<config_name>/keep=<k>/<name> is appended to the run's name with its value
@@ -92,7 +97,8 @@ def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]]
     keys = [key for key, _ in axes]
     combinations = [dict(zip(keys, chosen)) for chosen in itertools.product(*(values for _, values in axes))]
     plans = [(_config_path(config, values), {**given, **_swept(values)}) for values in combinations]
-    configs = [_build(path, overrides) for path, overrides in plans]
+    configs = [_build(path, overrides, index, values, len(plans))
+               for index, ((path, overrides), values) in enumerate(zip(plans, combinations), start=1)]
     names = [identifying_name(cfg, overrides) for (_, overrides), cfg in zip(plans, configs)]
     plans = [(path, {**overrides, "name": name} if name != cfg.name else overrides)
              for (path, overrides), cfg, name in zip(plans, configs, names)]
@@ -105,6 +111,7 @@ def plan_runs(config: str | None, given: dict, axes: list[tuple[str, list[str]]]
                           "sweep a key that tells them apart (e.g. seed or name)")
     for cfg in configs:
         refuse_a_directory_with_other_settings(cfg)
+    check_runs(configs, [str(d) for d in directories], check_data)
     return [Run(index, _train_args(path, cfg, overrides), str(cfg.run_dir()), values)
             for index, ((path, overrides), cfg, values) in enumerate(zip(plans, configs, combinations), start=1)]
 
@@ -161,8 +168,14 @@ def _swept(values: dict) -> dict:
             for key, value in values.items() if key != "config"}
 
 
-def _build(path: str, overrides: dict) -> Config:
-    cfg = build_config(path, overrides)
+def _build(path: str, overrides: dict, index: int, values: dict, count: int) -> Config:
+    try:
+        cfg = build_config(path, overrides)
+    except ConfigError as error:
+        if count == 1:
+            raise
+        swept = ", ".join(f"{key}={value}" for key, value in values.items())
+        raise ConfigError(f"run {index} of {count} ({swept}): {error}") from None
     return dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
 
 

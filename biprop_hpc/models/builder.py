@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from biprop_hpc.choices import EDGE_LAYER_TYPES, LAYER_TYPES  # the whole network; first / last layer
 from biprop_hpc.nn import FAN_SCALES, BinaryActivation, BipropConv2d, BipropLinear, check_keep_ratio, init_weight_
 
-LAYER_TYPES = ("biprop", "dense")          # the whole network: BIPROP search, or an ordinary trained baseline
-EDGE_LAYER_TYPES = ("biprop", "trained", "frozen")  # first / last layer: as the rest, dense trained, dense frozen random
 
 
 @dataclass(frozen=True)

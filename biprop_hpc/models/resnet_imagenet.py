@@ -94,10 +94,10 @@ def resnet_imagenet(builder, *, block: str, blocks: tuple[int, ...], widths: tup
 
 
 STANDARD = (64, 128, 256, 512)
-register("resnet18", block="basic", blocks=(2, 2, 2, 2), widths=STANDARD)(resnet_imagenet)
-register("resnet34", block="basic", blocks=(3, 4, 6, 3), widths=STANDARD)(resnet_imagenet)
-register("resnet50", block="bottleneck", blocks=(3, 4, 6, 3), widths=STANDARD)(resnet_imagenet)
-register("wide_resnet50_2", block="bottleneck", blocks=(3, 4, 6, 3), widths=STANDARD,
+register("resnet18", made_for="imagenet", block="basic", blocks=(2, 2, 2, 2), widths=STANDARD)(resnet_imagenet)
+register("resnet34", made_for="imagenet", block="basic", blocks=(3, 4, 6, 3), widths=STANDARD)(resnet_imagenet)
+register("resnet50", made_for="imagenet", block="bottleneck", blocks=(3, 4, 6, 3), widths=STANDARD)(resnet_imagenet)
+register("wide_resnet50_2", made_for="imagenet", block="bottleneck", blocks=(3, 4, 6, 3), widths=STANDARD,
          inner_mult=2)(resnet_imagenet)
-register("wide_resnet34_2_bin", block="basic", blocks=(3, 4, 6, 3), widths=(64, 192, 384, 768),
+register("wide_resnet34_2_bin", made_for="imagenet", block="basic", blocks=(3, 4, 6, 3), widths=(64, 192, 384, 768),
          binary=True)(resnet_imagenet)

@@ -19,19 +19,9 @@ import math
 import torch
 from torch import nn
 
-# name -> (distribution, fan scaled by the keep ratio?)
-WEIGHT_INITS = {
-    "kn": ("normal", True),
-    "ukn": ("normal", False),
-    "sc": ("signed_constant", True),
-    "usc": ("signed_constant", False),
-    "uc": ("constant", True),
-    "uuc": ("constant", False),
-}
-
-
-# How the scaled inits scale the fan (see the module docstring); kept_fraction is the default.
-FAN_SCALES = ("kept_fraction", "pruned_fraction", "none")
+# WEIGHT_INITS: name -> (distribution, fan scaled by the keep ratio?); FAN_SCALES: how the scaled inits scale
+# the fan (see the module docstring), kept_fraction the default. Kept in biprop_hpc.choices, free of torch.
+from biprop_hpc.choices import FAN_SCALES, WEIGHT_INITS
 
 
 def fan_factor(fan_scale: str, keep_ratio: float) -> float:

@@ -17,34 +17,35 @@ from __future__ import annotations
 
 import contextlib
 
-from biprop_hpc.extensions import PACKED
-from biprop_hpc.packed.convert import (
-    PackedNetwork,
-    binary_inputs,
-    dense_ternary,
-    model_bytes,
-    pack_model,
-)
-from biprop_hpc.packed.layers import PackedBits, PackedConv, pack_sign
+from biprop_hpc.lazy import lazy_names
+
+# Imported on first use: the command line imports packed.infer without torch.
+__getattr__ = lazy_names(__name__, {**dict.fromkeys(("PackedNetwork", "binary_inputs", "dense_ternary", "model_bytes",
+                                                     "pack_model"), "convert"),
+                                    **dict.fromkeys(("PackedBits", "PackedConv", "pack_sign"), "layers")})
 
 
 def cpu_path() -> str:
     """The kernel path in use: 'avx512', 'avx2' or 'scalar'."""
+    from biprop_hpc.extensions import PACKED
     return PACKED.ops().get_cpu_path()
 
 
 def set_cpu_path(name: str) -> str:
     """Use kernel path `name` ('auto' = the best this CPU supports); returns the previous one. Raises if
     this CPU cannot run it."""
+    from biprop_hpc.extensions import PACKED
     return PACKED.ops().set_cpu_path(name)
 
 
 def supported_cpu_paths() -> list[str]:
     """The kernel paths this CPU can run, best first."""
+    from biprop_hpc.extensions import PACKED
     return list(PACKED.ops().supported_cpu_paths())
 
 
 def load_extension(verbose: bool = False):
+    from biprop_hpc.extensions import PACKED
     return PACKED.load(verbose)
 
 

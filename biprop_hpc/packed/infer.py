@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def add_infer_command(commands) -> argparse.ArgumentParser:
@@ -44,25 +45,33 @@ def add_infer_command(commands) -> argparse.ArgumentParser:
     return infer
 
 
-class _Recorder(nn.Module):
-    """Runs a network, timing its forward passes and keeping the predicted classes."""
+def _recorder(network: nn.Module) -> nn.Module:
+    """`network` in a module that times its forward passes and keeps the predicted classes (a class defined
+    here: this module is imported for the command line, which starts without torch)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network
-        self.seconds = 0.0
-        self.predictions: list[torch.Tensor] = []
+    class Recorder(nn.Module):
+        def __init__(self, network: nn.Module):
+            super().__init__()
+            self.network = network
+            self.seconds = 0.0
+            self.predictions: list[torch.Tensor] = []
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        logits = self.network(images)
-        self.seconds += time.perf_counter() - start
-        self.predictions.append(logits.argmax(dim=1))
-        return logits
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            logits = self.network(images)
+            self.seconds += time.perf_counter() - start
+            self.predictions.append(logits.argmax(dim=1))
+            return logits
+
+    return Recorder(network)
 
 
 def _load(args, ctx):
     """(config, data, float network) of a ticket or a checkpoint, on the CPU."""
+    import torch
+
     from biprop_hpc.config import Config
     from biprop_hpc.data.build import build_data
     device = torch.device("cpu")
@@ -100,6 +109,8 @@ def weight_bytes(network: nn.Module) -> int:
 
 
 def run_infer(args) -> dict:
+    import torch
+
     from biprop_hpc.dist import init_distributed
     from biprop_hpc.train.evaluate import evaluate
     ctx = init_distributed()
@@ -118,7 +129,7 @@ def run_infer(args) -> dict:
                       cpu_path=cpu_path())
     else:
         network = model
-    recorder = _Recorder(network)
+    recorder = _recorder(network)
     metrics = evaluate(recorder, getattr(data, args.split), torch.device("cpu"), ctx, contextlib.nullcontext)
     result.update(metrics)
     result.update(weights_bytes=weight_bytes(network), forward_seconds=round(recorder.seconds, 4),

@@ -11,8 +11,13 @@
 - `export_ticket(checkpoint, out)`, `import_original(ckpt, model, ...)`, `write_ticket(path, ticket)`.
 The file format is documented in biprop_hpc/ticket/file.py (schema version 2, verified by SHA-256 on every read).
 """
-from biprop_hpc.ticket.export import dense_ternary, export_ticket, load, module_from_ticket, ticket_from_checkpoint
-from biprop_hpc.ticket.file import SCHEMA_VERSION, LayerRecord, Ticket, TicketError, read, write_ticket
+from biprop_hpc.lazy import lazy_names
+
+# Imported on first use: the command line imports ticket.commands without torch or h5py.
+__getattr__ = lazy_names(__name__, {**dict.fromkeys(("dense_ternary", "export_ticket", "load", "module_from_ticket",
+                                                     "ticket_from_checkpoint"), "export"),
+                                    **dict.fromkeys(("SCHEMA_VERSION", "LayerRecord", "Ticket", "TicketError", "read",
+                                                     "write_ticket"), "file")})
 
 
 def import_original(*args, **kwargs):

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from biprop_hpc.choices import TICKET_FORMATS
 from biprop_hpc.config import Config, ConfigError
-from biprop_hpc.nn import BinaryActivation
-from biprop_hpc.ticket.export import build, first_linear_in, module_from_ticket, sizes, ticket_from_checkpoint
-from biprop_hpc.ticket.file import Ticket, TicketError, read, write_ticket
-from biprop_hpc.ticket.formats import FORMATS, export_onnx, export_torch
+
+# The commands import torch and h5py when they run (below): the command line is built without them.
+if TYPE_CHECKING:
+    from biprop_hpc.ticket.file import Ticket
 
 log = logging.getLogger("biprop_hpc")
 
@@ -33,7 +35,7 @@ def add_ticket_commands(commands) -> None:
     source.add_argument("--checkpoint", help="a run's checkpoint (e.g. RUN/checkpoints/best.pt)")
     source.add_argument("--ticket", help="a ticket file (for --format torch or onnx)")
     export.add_argument("--out", required=True, help="the file to write")
-    export.add_argument("--format", default="ticket", choices=FORMATS)
+    export.add_argument("--format", default="ticket", choices=TICKET_FORMATS)
     export.set_defaults(handler=export_command)
 
     ticket = commands.add_parser("ticket", allow_abbrev=False, help="inspect a ticket file")
@@ -63,6 +65,9 @@ def add_ticket_commands(commands) -> None:
 
 
 def export_command(args) -> dict:
+    from biprop_hpc.ticket.export import module_from_ticket, sizes, ticket_from_checkpoint
+    from biprop_hpc.ticket.file import read, write_ticket
+    from biprop_hpc.ticket.formats import export_onnx, export_torch
     fmt = args.format
     if args.checkpoint:
         ticket, _ = ticket_from_checkpoint(args.checkpoint)
@@ -86,6 +91,8 @@ def export_command(args) -> dict:
 
 
 def import_command(args) -> dict:
+    from biprop_hpc.ticket.export import module_from_ticket, sizes
+    from biprop_hpc.ticket.file import write_ticket
     from biprop_hpc.ticket.original import import_original
     ticket = import_original(args.checkpoint, args.model, keep_ratio=args.keep_ratio, in_channels=args.in_channels,
                              image_size=args.image_size, num_classes=args.num_classes, width_mult=args.width_mult,
@@ -102,6 +109,8 @@ def import_command(args) -> dict:
 
 def describe(ticket: Ticket, path: str | Path | None = None) -> str:
     """The text `biprop ticket info` prints."""
+    from biprop_hpc.nn import BinaryActivation
+    from biprop_hpc.ticket.export import build, sizes
     cfg = ticket.config
     net = build(cfg, ticket.in_channels, ticket.num_classes, ticket.image_size, "meta")
     binary = any(isinstance(m, BinaryActivation) for m in net.modules())
@@ -140,6 +149,7 @@ def describe(ticket: Ticket, path: str | Path | None = None) -> str:
 
 
 def info_command(args) -> None:
+    from biprop_hpc.ticket.file import read
     print(describe(read(args.path), args.path))
 
 
@@ -148,6 +158,8 @@ def evaluate_ticket(path: str, split: str, ctx, data_dir: str = "", device: str 
     ranks: the same numbers as `biprop evaluate --checkpoint` gives for the checkpoint it was exported from."""
     from biprop_hpc.data.build import build_data
     from biprop_hpc.train.evaluate import evaluate
+    from biprop_hpc.ticket.export import first_linear_in, module_from_ticket
+    from biprop_hpc.ticket.file import TicketError, read
     from biprop_hpc.train.loop import autocast_for
     ticket = read(path)
     values = {**ticket.config, **({"data": data_dir} if data_dir else {})}

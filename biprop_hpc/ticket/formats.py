@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from biprop_hpc.choices import TICKET_FORMATS as FORMATS  # noqa: F401  (for callers)
 from biprop_hpc.files import replace_atomically
 from biprop_hpc.nn import BinaryActivation
 from biprop_hpc.ticket.file import TicketError
 
-FORMATS = ("ticket", "torch", "onnx")
 ONNX_OPSET = 17
 # ONNX Runtime sums in another order than torch: logits agree to float tolerance, relative to their scale.
 ONNX_RTOL = 1e-4

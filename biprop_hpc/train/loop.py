@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import platform
+import socket
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,6 +39,7 @@ from biprop_hpc.nn import biprop_layers
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from biprop_hpc.train.evaluate import evaluate, to_device
 from biprop_hpc.train.lock import RunLock, RunLocked
+from biprop_hpc.train.progress import EpochProgress, RunLog, start_line
 from biprop_hpc.train.schedule import lr_at_epoch
 from biprop_hpc.train.stopping import RunCheckpointed, StopRequests
 
@@ -158,6 +160,7 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.lock = None  # rank 0: the run directory's lock, held until fit() ends
+        self.run_log = None  # rank 0: the copy of its log in the run directory, kept until fit() ends
 
         def claim() -> Config:
             claimed, self.lock = claim_directory(cfg)
@@ -166,6 +169,8 @@ class Run:
         self.cfg = cfg = _on_root(ctx, "run_directory", claim)
         self.dir = cfg.run_dir()
         self.checkpoints = self.dir / "checkpoints"
+        if self.is_root:
+            self.run_log = RunLog(log, self.dir)
         try:
             self._set_up(cfg, ctx)
         except BaseException:
@@ -176,6 +181,8 @@ class Run:
         self.completed = _on_root(ctx, "completed_run", self._completed_result)
         if self.completed:
             return
+        self.run_started = time.monotonic()  # the progress lines' elapsed and left times are this process's
+        self.epoch_seconds = None  # the wall time of the last whole epoch this process ran
         self.device = ctx.device(cfg.device)
         self.data = build_data(cfg, ctx.rank, ctx.size, self.device)
         torch.manual_seed(cfg.seed)  # the frozen weights and initial scores are a function of the seed
@@ -307,10 +314,14 @@ class Run:
     def fit(self) -> dict:
         if self.completed:
             if self.is_root:
-                log.info("%s has completed already; nothing to do", self.dir)
+                log.info("%s has completed already: test top1 %s (best epoch %s); nothing to do. To start another "
+                         "run add --new-name (the next free %s_N) or --name NAME", self.dir,
+                         _percent(self.completed.get("test_top1")), self.completed.get("best_epoch", "?"),
+                         self.cfg.name)
             self._release()
             return self.completed
         try:
+            self._announce()
             if self.state["epoch"] == 0 and self.state["step"] == 0:
                 self._checkpoint(["initial.pt"])
             self._write_archive("running")  # visible from the start, with this continuation's restart row
@@ -321,13 +332,29 @@ class Run:
             raise
         except BaseException as error:
             self._write_archive("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+            if self.run_log:  # the command line prints it on stderr after fit() has closed run.log
+                what = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else "the run failed on rank 0:"
+                self.run_log.write_only(logging.ERROR, what, sys.exc_info())
             raise
         finally:
             if self.writer:
                 self.writer.close()
             self._release()
 
+    def _announce(self) -> None:
+        """Every rank: its host and device to rank 0, which opens run.log and logs the run's first line."""
+        places = self.ctx.gather_object((socket.gethostname(), str(self.device)), name="hosts_and_devices")
+        if self.is_root:
+            self.run_log.open()
+            cfg = self.cfg
+            log.info(start_line(self.dir, places, self.data.loader, len(self.data.train),
+                                cfg.batch_size * self.ctx.size * cfg.backward_passes_per_step, cfg.epochs,
+                                self.state["epoch"], self.state["step"], cfg.config_name))
+
     def _release(self) -> None:
+        if self.run_log:
+            self.run_log.close()
+            self.run_log = None
         if self.lock:
             self.lock.release()
             self.lock = None
@@ -338,7 +365,8 @@ class Run:
                                          cfg.milestones, cfg.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        train = self._train_epoch(epoch)
+        started = time.monotonic()
+        train = self._train_epoch(epoch, progress_lines=self.is_root and not sys.stderr.isatty())
         self.ctx.average_batchnorm(self.model)
         val = evaluate(self.model, self.data.val, self.device, self.ctx, self.autocast)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
@@ -369,10 +397,13 @@ class Run:
                      "%.1f s  %.0f img/s", epoch + 1, cfg.epochs, lr, row["train_loss"], row["train_top1"],
                      row["val_loss"], row["val_top1"], row["val_top5"], row["epoch_seconds"],
                      row["images_per_second"])
+        self.epoch_seconds = time.monotonic() - started
         if self.ctx.any_async(self.stop.reason is not None, "stop_vote")():
             self._stopped(epoch + 1, 0)
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _train_epoch(self, epoch: int, progress_lines: bool = False) -> dict:
+        """One epoch's training steps; with `progress_lines` (rank 0, when no terminal shows the tqdm bar) a
+        progress line every log_interval steps or log_seconds, whichever first."""
         model, optimizer, device = self.model, self.optimizer, self.device
         passes = self.cfg.backward_passes_per_step
         # Each loss is divided by the samples of its whole accumulation group (over all ranks), so a group
@@ -385,6 +416,10 @@ class Run:
             totals += self.partial["totals"].to(device)
             count, seconds = self.partial["count"], self.partial["seconds"]
             self.partial = None
+        progress = None
+        if progress_lines:
+            progress = EpochProgress(epoch, self.cfg.epochs, sizes, first, self.cfg.log_interval,
+                                     self.cfg.log_seconds, self.run_started, self.epoch_seconds, seconds)
         model.train()
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                    disable=not (self.is_root and sys.stderr.isatty()))
@@ -409,6 +444,8 @@ class Run:
             if self.writer and global_step % self.cfg.log_interval == 0:  # a host sync every log_interval steps
                 self.writer.add_scalar("step/train_loss", loss_sum.item() / len(batch.labels), global_step)
             bar.update()
+            if progress and progress.due(step + 1):  # a host sync, only on the steps that log a line
+                log.info(progress.line(step + 1, totals[0].item() / count, optimizer.param_groups[0]["lr"]))
             if step + 1 == group_end:
                 self._optimizer_step()
                 self._heartbeat()
@@ -510,7 +547,9 @@ class Run:
 
 
 def _on_root(ctx, name: str, compute):
-    """`compute()` on rank 0, its result (or its bad-input error, as a ConfigError) on every rank."""
+    """`compute()` on rank 0, its result on every rank; or its bad-input error, raised on every rank as a
+    CommonError, which rank 0 alone reports (cli.main)."""
+    from biprop_hpc.config import CommonError
     outcome = None
     if ctx.rank == 0:
         try:
@@ -519,7 +558,7 @@ def _on_root(ctx, name: str, compute):
             outcome = ("error", str(error))
     kind, value = ctx.broadcast_object(outcome, name=name)
     if kind == "error":
-        raise ConfigError(value)
+        raise CommonError(value)
     return value
 
 
