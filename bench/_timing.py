@@ -1,5 +1,8 @@
 """Small timing helpers shared by the CPU benchmarks (bench/cpu_step.py, allreduce.py, loader.py)."""
+import os
+import shutil
 import statistics
+import sys
 import time
 
 
@@ -40,3 +43,17 @@ def table(header: list[str], rows: list[list], formats: list[str]) -> str:
     for r in cells:
         lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     return "\n".join(lines)
+
+
+def mpirun_prefix(ranks: int, hint: str = "") -> tuple[list[str], dict]:
+    """`mpirun ... -np ranks` on this host (every rank on the shared cores) and its environment; exits naming
+    what is missing without mpirun."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        sys.exit(f"mpirun not found on PATH{hint}")
+    env = dict(os.environ)
+    root = os.geteuid() == 0
+    if root:  # Open MPI refuses root unless told that it is meant
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return [mpirun, *(["--allow-run-as-root"] if root else []), "--oversubscribe", "--bind-to", "none",
+            "-np", str(ranks)], env

@@ -25,11 +25,13 @@ prints one table with a column per rank count (ratios from numbers measured in t
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # _timing beside this file
+from _timing import mpirun_prefix  # noqa: E402
 
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "HOROVOD_SIZE", "PMI_SIZE", "PMIX_RANK")
 RESULT = "RESULT "
@@ -201,17 +203,10 @@ def report(results):
 
 
 def launch(args):
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        sys.exit("mpirun not found on PATH")
-    env = dict(os.environ)
-    root = os.geteuid() == 0
-    if root:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     results = []
     for n in [int(v) for v in args.ranks.split(",")]:
-        command = [mpirun, *(["--allow-run-as-root"] if root else []), "--oversubscribe", "--bind-to", "none",
-                   "-np", str(n), sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        prefix, env = mpirun_prefix(n)
+        command = [*prefix, sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
         print(f"running {n} rank(s): {' '.join(command)}", flush=True)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]

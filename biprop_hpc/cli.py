@@ -1,7 +1,8 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete completes `biprop` in a shell only if this marker is near the top)
 """Command-line entry points: `biprop train | evaluate | data | jobs | results`. Thin: parse, then call the package.
 
-Exit codes: see biprop_hpc/train/stopping.py (0 done, 1 failed, 2 bad input, 75 checkpointed, 130 Ctrl-C).
+Exit codes: see biprop_hpc/train/stopping.py (0 done, 1 failed, 2 bad input, 75 checkpointed, 124 hung,
+130 Ctrl-C).
 Every other command ends on SIGTERM or SIGUSR1 at once, with its worker processes, killed by the signal (exit
 status 128 + the signal's number: 143 for SIGTERM); see `_stop_command`.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import biprop_hpc
 from biprop_hpc.archive.results import add_results_commands
-from biprop_hpc.config import (CommonError, ConfigError, add_config_arguments, build_config, config_yaml,
+from biprop_hpc.config import (CommonError, Config, ConfigError, add_config_arguments, build_config, config_yaml,
                                unknown_flag_error)
 from biprop_hpc.configs_command import add_configs_commands
 from biprop_hpc.data.check import add_data_commands
@@ -146,6 +147,18 @@ def _overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
 
 
+def _hang_timeout(args) -> float:
+    """`train`'s hang_timeout, needed before Horovod starts (dist.horovod_stall_environment) while the config is
+    built (and its errors reported, by rank 0) after: every rank reads the same files and flags. A config error
+    gives the default here; the run then stops on that error anyway."""
+    if args.command != "train":
+        return 0.0
+    try:
+        return build_config(args.config, _overrides(args)).hang_timeout
+    except (ValueError, OSError):  # ConfigError is a ValueError
+        return Config.hang_timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     # First of all: a scheduler's warning (SIGUSR1) or SIGTERM arriving during start-up must not kill `train`
     # (it checkpoints on them); every other command is switched to stopping on them once it is known.
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx, rank = None, ""
     try:
         from biprop_hpc.dist import init_distributed
-        ctx = init_distributed()
+        ctx = init_distributed(_hang_timeout(args))
         _setup_logging(ctx.rank, ctx.size)
         rank = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
         result = _run(args, ctx, stop)

@@ -51,7 +51,7 @@ CHOICES = {
 # not one: it names what was run, and is part of the run's path anyway.)
 EXECUTION_KEYS = ("name", "out", "device", "threads", "save_every", "resume", "new_name",
                   "log_interval", "log_seconds", "data", "loader", "loader_workers", "eval_batch_size",
-                  "channels_last", "paper_top1")
+                  "channels_last", "paper_top1", "hang_timeout")
 
 
 class ConfigError(ValueError):
@@ -128,6 +128,7 @@ class Config:
     fp16_allreduce: bool = False   # compress gradients to fp16 for the allreduce
     sync_batchnorm: bool = False   # BN batch statistics over the global batch (Horovod SyncBatchNorm)
     backward_passes_per_step: int = 1  # gradient accumulation: backward passes per optimizer step
+    hang_timeout: float = 600.0    # a rank with no progress for N s ends the job: exit 124 (0: never); see README
     # --- metadata (not used by training) ---
     paper_top1: float = 0.0        # the paper's reported test top-1 for this experiment (0: none), shown by results
 
@@ -147,6 +148,8 @@ class Config:
             raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        if self.hang_timeout < 0:
+            raise ConfigError(f"hang_timeout: must be >= 0 seconds (0: no watchdog), got {self.hang_timeout}")
         if self.log_seconds < 0:
             raise ConfigError(f"log_seconds: must be >= 0 (0: progress lines every log_interval steps only), "
                               f"got {self.log_seconds}")

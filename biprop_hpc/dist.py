@@ -68,6 +68,12 @@ def scheduler_job_id(environ=os.environ) -> str:
     return next((environ[v] for v in JOB_ID_VARS if environ.get(v)), "")
 
 
+def scheduler_nodes(environ=os.environ) -> str:
+    """Slurm's list of the job's nodes as it gives it (SLURM_JOB_NODELIST, e.g. "node[1-2]"); "" outside a
+    Slurm job (the archive's /ranks table has every rank's host under any launcher)."""
+    return environ.get("SLURM_JOB_NODELIST", "")
+
+
 def select_device(preference: str, local_rank: int) -> torch.device:
     """CUDA device local_rank % visible GPUs (jsrun -g1 shows each rank one GPU), else the CPU.
 
@@ -161,7 +167,7 @@ class SyncBatchNorm(_BatchNorm):
 
 class Local:
     """A single process: every collective is the identity."""
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
     launcher, controller = "none", "none"
 
     def device(self, preference: str) -> torch.device:
@@ -204,11 +210,14 @@ class Local:
 class HorovodContext(Local):
     """Several ranks under Horovod (MPI or Gloo controller)."""
 
-    def __init__(self, launcher: str):
+    def __init__(self, launcher: str, hang_timeout: float = 0.0):
         import horovod.torch as hvd  # imported only here: a single process does not need Horovod
+        set_horovod_stall_check(hang_timeout)  # Horovod reads it in hvd.init only
         hvd.init()
         self.hvd = hvd
-        self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        # This rank's index among the ranks on its host, and their number (Horovod splits the ranks by host).
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.launcher = launcher
         self.controller = "mpi" if hvd.mpi_enabled() else "gloo" if hvd.gloo_enabled() else "unknown"
 
@@ -278,6 +287,28 @@ class HorovodContext(Local):
         return horovod.__version__
 
 
-def init_distributed() -> Local:
+def horovod_stall_environment(hang_timeout: float) -> dict[str, str]:
+    """Horovod's stall check for a run whose watchdog ends it after `hang_timeout` s (train/watchdog.py).
+
+    Horovod (0.28.1, horovod/common/stall_inspector.cc) checks every HOROVOD_STALL_CHECK_TIME_SECONDS (default
+    60, whole seconds) for tensors some ranks submitted and others did not for that long, and logs them with the
+    missing ranks; a tensor seen before (in Horovod's response cache: every step's) is first taken out of the
+    cache after that time, then reported after it again, so the warning can take 4 times as long. A sixth of the
+    timeout (at most Horovod's 60, at least 1) makes it come before the watchdog ends the job. Its shutdown
+    (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS) stays off: see train/watchdog.py.
+    """
+    if hang_timeout <= 0:
+        return {}
+    return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(1, min(60, int(hang_timeout / 6))))}
+
+
+def set_horovod_stall_check(hang_timeout: float, environ=os.environ) -> None:
+    """horovod_stall_environment into `environ`, except for a variable the user set already."""
+    for variable, value in horovod_stall_environment(hang_timeout).items():
+        environ.setdefault(variable, value)
+
+
+def init_distributed(hang_timeout: float = 0.0) -> Local:
+    """The context of this process; `hang_timeout` (the run's, > 0) sets Horovod's stall check from it."""
     launcher, size = detect_launcher()
-    return HorovodContext(launcher) if size > 1 else Local()
+    return HorovodContext(launcher, hang_timeout) if size > 1 else Local()

@@ -208,10 +208,9 @@ def _sweep(conf: Path) -> list[int]:
     return pids
 
 
-@contextlib.contextmanager
-def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: float = 30):
-    """Start munged + slurmctld + slurmd under tmp_dir, wait for the node to be idle, yield a SlurmCluster."""
-    bins = find_binaries()
+def prepare_directories(tmp_dir: str | os.PathLike) -> tuple[Path, Path, list[Path]]:
+    """The cluster's directories under tmp_dir/slurm and its munge key: (root, munge socket path, directories
+    to remove at teardown: a short one for the socket when tmp_dir's path is too long for it)."""
     root = Path(tmp_dir).resolve() / "slurm"
     for sub in ("state", "spool", "run", "log", "munge"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -222,11 +221,17 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
         munge_dir = Path(tempfile.mkdtemp(prefix="munge-"))
         cleanup_dirs.append(munge_dir)
     os.chmod(munge_dir, 0o755)
-    munge_socket = munge_dir / "munge.socket"
     key = root / "munge" / "munge.key"
     if not key.exists():
         _write_munge_key(key)
+    return root, munge_dir / "munge.socket", cleanup_dirs
 
+
+@contextlib.contextmanager
+def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: float = 30):
+    """Start munged + slurmctld + slurmd under tmp_dir, wait for the node to be idle, yield a SlurmCluster."""
+    bins = find_binaries()
+    root, munge_socket, cleanup_dirs = prepare_directories(tmp_dir)
     host = socket.gethostname().split(".")[0]  # slurmctld compares SlurmctldHost with the short host name
     ctld_port, slurmd_port = free_ports(2)
     conf = root / "slurm.conf"
@@ -251,7 +256,7 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
 
     try:
         start("munged", bins["munged"], "--foreground", "--force", f"--socket={munge_socket}",
-              f"--key-file={key}", f"--pid-file={root / 'run' / 'munged.pid'}",
+              f"--key-file={root / 'munge' / 'munge.key'}", f"--pid-file={root / 'run' / 'munged.pid'}",
               f"--seed-file={root / 'munge' / 'munged.seed'}", f"--log-file={logs['munged']}")
         deadline = time.monotonic() + start_timeout
         while not munge_socket.exists():

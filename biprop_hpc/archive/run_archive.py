@@ -3,8 +3,10 @@
 Schema (version 2; version 1 files, which lack the restart records and the heartbeat, are still read):
   /            attributes: schema_version, status (running | checkpointed | completed | failed | interrupted),
                config (JSON), keep_ratio, model, dataset, seed, epochs (planned), world_size, launcher,
-               controller, loader, skipped_files, job_id (the scheduler's, "" outside one), start_time,
+               controller, loader, skipped_files, job_id (the scheduler's, "" outside one), job_nodes (Slurm's
+               list of the job's nodes, e.g. "node[1-2]"; "" elsewhere; absent in older archives), start_time,
                end_time, heartbeat (ISO 8601, UTC; refreshed at every write, i.e. at least once per epoch),
+               end_reason (only when a hung rank's watchdog ended the run: its line; train/watchdog.py),
                python_version, torch_version, biprop_hpc_version, horovod_version, dali_version ("" when absent)
   /metrics/    1-D datasets, one entry per completed epoch: epoch, lr, train_loss, train_top1, val_loss,
                val_top1, val_top5, epoch_seconds, images_per_second. `epoch` is an HDF5 dimension scale named
@@ -16,9 +18,13 @@ Schema (version 2; version 1 files, which lack the restart records and the heart
   /restarts    compound table, one row per continuation of the run: time (ISO 8601 UTC), epoch (epochs
                finished before it), step (steps of the next epoch already done), reason (why the previous
                process stopped, e.g. "SIGUSR1", or "unknown (no stop recorded)" after a kill)
+  /ranks       compound table, one row per rank of the processes that ran the run last (a continuation
+               replaces it): rank, host (its host name), local_rank and local_size (its index among, and the
+               number of, the ranks on its host, as the launcher placed them), device ("cpu", "cuda:1", ...).
+               Archives written before it existed have none (read as [])
 
 Every text is a variable-length UTF-8 string (h5py.string_dtype()): h5py reads the attributes back as str;
-string fields of datasets (layers, restarts) it reads as bytes, as it does every dataset string (h5py's
+string fields of datasets (layers, restarts, ranks) it reads as bytes, as it does every dataset string (h5py's
 documented rule; read_archive decodes them, `.asstr()` or `.astype("T")` does for a plain string dataset).
 
 `status` checkpointed means the run stopped on a signal after writing a mid-epoch checkpoint, and waits for a
@@ -45,6 +51,8 @@ LAYER_DTYPE = np.dtype([("name", h5py.string_dtype()), ("weights", np.int64), ("
                         ("alpha", np.float64)])
 RESTART_DTYPE = np.dtype([("time", h5py.string_dtype()), ("epoch", np.int64), ("step", np.int64),
                           ("reason", h5py.string_dtype())])
+RANK_DTYPE = np.dtype([("rank", np.int64), ("host", h5py.string_dtype()), ("local_rank", np.int64),
+                       ("local_size", np.int64), ("device", h5py.string_dtype())])
 
 
 class ArchiveError(ValueError):
@@ -58,6 +66,7 @@ class RunRecord:
     final: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)     # dicts with name, weights, kept, alpha
     restarts: list = field(default_factory=list)   # dicts with time, epoch, step, reason
+    ranks: list = field(default_factory=list)      # dicts with rank, host, local_rank, local_size, device
 
     @property
     def config(self) -> dict:
@@ -78,6 +87,8 @@ def write_archive(path: str | Path, record: RunRecord) -> None:
             h5.create_dataset("layers", data=np.array(rows, dtype=LAYER_DTYPE))
             rows = [(r["time"], r["epoch"], r["step"], r["reason"]) for r in record.restarts]
             h5.create_dataset("restarts", data=np.array(rows, dtype=RESTART_DTYPE))
+            rows = [(r["rank"], r["host"], r["local_rank"], r["local_size"], r["device"]) for r in record.ranks]
+            h5.create_dataset("ranks", data=np.array(rows, dtype=RANK_DTYPE))
 
     replace_atomically(path, write)
 
@@ -131,11 +142,15 @@ def read_archive(path: str | Path) -> RunRecord:
             restarts = [{"time": plain_value(row["time"]), "epoch": int(row["epoch"]), "step": int(row["step"]),
                          "reason": plain_value(row["reason"])}
                         for row in (h5["restarts"][()] if "restarts" in h5 else [])]
+            ranks = [{"rank": int(row["rank"]), "host": plain_value(row["host"]),
+                      "local_rank": int(row["local_rank"]), "local_size": int(row["local_size"]),
+                      "device": plain_value(row["device"])}
+                     for row in (h5["ranks"][()] if "ranks" in h5 else [])]
     except ArchiveError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise ArchiveError(f"{path}: not a readable run archive ({error})") from None
-    return RunRecord(attrs, metrics, final, layers, restarts)
+    return RunRecord(attrs, metrics, final, layers, restarts, ranks=ranks)
 
 
 def plain_value(value):

@@ -13,9 +13,9 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, ctx, autocast) -> dict:
+def evaluate(model: nn.Module, batches, device: torch.device, ctx, autocast, on_batch=None) -> dict:
     """Loss, top-1 and top-5 (percent) over all ranks' shares of an evaluation split; NaN metrics and
-    count 0 for an empty split."""
+    count 0 for an empty split. `on_batch()` after each batch: progress, for the training run's watchdog."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1, top-5
     count = 0
@@ -30,6 +30,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, ctx, autocast) -> 
             totals += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
                                    hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
             count += len(batch.labels)
+            if on_batch:
+                on_batch()
     reduced = torch.cat([totals.cpu(), torch.tensor([count], dtype=torch.float64)])
     loss, top1, top5, count = ctx.allreduce_sum(reduced, "eval_totals").tolist()
     if count == 0:

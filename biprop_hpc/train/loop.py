@@ -33,7 +33,7 @@ import biprop_hpc
 from biprop_hpc.archive import METRICS, ArchiveError, RunRecord, read_archive, write_archive
 from biprop_hpc.config import Config, ConfigError, describe_differences, result_differences
 from biprop_hpc.data.build import build_data
-from biprop_hpc.dist import batchnorm_statistics, scheduler_job_id
+from biprop_hpc.dist import batchnorm_statistics, scheduler_job_id, scheduler_nodes
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import biprop_layers
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
@@ -42,6 +42,7 @@ from biprop_hpc.train.lock import RunLock, RunLocked
 from biprop_hpc.train.progress import EpochProgress, RunLog, start_line
 from biprop_hpc.train.schedule import lr_at_epoch
 from biprop_hpc.train.stopping import RunCheckpointed, StopRequests
+from biprop_hpc.train.watchdog import Watchdog, WatchedContext, rank_on_host
 
 log = logging.getLogger("biprop_hpc")
 
@@ -156,6 +157,9 @@ class Run:
 
     def __init__(self, cfg: Config, ctx, stop: StopRequests | None = None):
         self.ctx, self.stop = ctx, stop or StopRequests()
+        # Every collective tells the watchdog what this rank waits in; fit() starts it (hang_timeout).
+        self.watchdog = Watchdog(cfg.hang_timeout, rank_on_host(ctx.rank, ctx.size), last_words=self._record_hang)
+        self.ctx = ctx = WatchedContext(ctx, self.watchdog)
         self.is_root = ctx.rank == 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -281,10 +285,10 @@ class Run:
 
     def _unrecorded_stop(self) -> str:
         try:
-            status = read_archive(self.dir / "archive.h5").attrs.get("status", "")
+            attrs = read_archive(self.dir / "archive.h5").attrs
         except ArchiveError:
-            status = ""
-        return UNRECORDED_STOPS.get(status, "unknown (no archive)")
+            attrs = {}
+        return attrs.get("end_reason") or UNRECORDED_STOPS.get(attrs.get("status", ""), "unknown (no archive)")
 
     def _own_state(self, totals=None, count: int = 0, seconds: float = 0.0) -> dict:
         """What differs between ranks: saved per rank in every checkpoint."""
@@ -308,7 +312,8 @@ class Run:
                 "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
                 "world_size": ctx.size, "launcher": ctx.launcher, "controller": ctx.controller,
                 "loader": self.data.loader, "skipped_files": len(self.data.skipped), "job_id": scheduler_job_id(),
-                "start_time": self.state["start_time"], "end_time": "", "heartbeat": now(), **versions(ctx)}
+                "job_nodes": scheduler_nodes(), "start_time": self.state["start_time"], "end_time": "",
+                "heartbeat": now(), **versions(ctx)}
 
     # --- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -321,6 +326,7 @@ class Run:
             self._release()
             return self.completed
         try:
+            self.watchdog.start()
             self._announce()
             if self.state["epoch"] == 0 and self.state["step"] == 0:
                 self._checkpoint(["initial.pt"])
@@ -337,14 +343,22 @@ class Run:
                 self.run_log.write_only(logging.ERROR, what, sys.exc_info())
             raise
         finally:
+            self.watchdog.stop()
             if self.writer:
                 self.writer.close()
             self._release()
 
     def _announce(self) -> None:
-        """Every rank: its host and device to rank 0, which opens run.log and logs the run's first line."""
-        places = self.ctx.gather_object((socket.gethostname(), str(self.device)), name="hosts_and_devices")
+        """Every rank: where it runs (host, local rank and size, device) to rank 0, which keeps it for the
+        archive's /ranks table, opens run.log and logs the run's first line."""
+        ctx = self.ctx
+        places = ctx.gather_object((socket.gethostname(), ctx.local_rank, ctx.local_size, str(self.device)),
+                                   name="hosts_and_devices")
         if self.is_root:
+            self.record.ranks = [{"rank": rank, "host": host, "local_rank": local_rank, "local_size": local_size,
+                                  "device": device}
+                                 for rank, (host, local_rank, local_size, device) in enumerate(places)]
+            places = [(host, device) for host, _, _, device in places]
             self.run_log.open()
             cfg = self.cfg
             log.info(start_line(self.dir, places, self.data.loader, len(self.data.train),
@@ -368,7 +382,8 @@ class Run:
         started = time.monotonic()
         train = self._train_epoch(epoch, progress_lines=self.is_root and not sys.stderr.isatty())
         self.ctx.average_batchnorm(self.model)
-        val = evaluate(self.model, self.data.val, self.device, self.ctx, self.autocast)
+        self.watchdog.progress(f"validation after epoch {epoch + 1}")
+        val = evaluate(self.model, self.data.val, self.device, self.ctx, self.autocast, self.watchdog.progress)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"], "train_top1": train["top1"],
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                "epoch_seconds": train["seconds"], "images_per_second": train["count"] / train["seconds"]}
@@ -426,6 +441,7 @@ class Run:
         start = time.perf_counter()
         vote = None
         optimizer.zero_grad()
+        self.watchdog.progress(f"training step {first + 1}/{steps} of epoch {epoch + 1} (data, forward, backward)")
         for step, batch in enumerate(self.data.train.epoch(epoch, first), start=first):
             group = step - step % passes
             group_end = min(group + passes, steps)
@@ -447,13 +463,16 @@ class Run:
             if progress and progress.due(step + 1):  # a host sync, only on the steps that log a line
                 log.info(progress.line(step + 1, totals[0].item() / count, optimizer.param_groups[0]["lr"]))
             if step + 1 == group_end:
-                self._optimizer_step()
+                with self.watchdog.waiting(f"the optimizer step after step {step + 1}/{steps} of epoch {epoch + 1}"
+                                           + (" (its gradient allreduce)" if self.ctx.size > 1 else "")):
+                    self._optimizer_step()
                 self._heartbeat()
                 # The vote started at the previous boundary: every rank sees the same answer at this step.
                 if vote is not None and vote():
                     bar.close()
                     self._stopped(epoch, step + 1, totals, count, seconds + time.perf_counter() - start)
                 vote = self.ctx.any_async(self.stop.reason is not None, "stop_vote")
+            self.watchdog.progress(f"training step {step + 2}/{steps} of epoch {epoch + 1} (data, forward, backward)")
         if vote is not None:
             vote()  # finish the collective; a stop asked for now is seen after the epoch's checkpoint
         bar.close()
@@ -498,7 +517,8 @@ class Run:
             best = load_checkpoint(self.checkpoints / "best.pt")
             self.model.load_state_dict(best["model"])
         self.ctx.broadcast_model(self.model)
-        test = evaluate(self.model, self.data.test, self.device, self.ctx, self.autocast)
+        self.watchdog.progress("the test evaluation")
+        test = evaluate(self.model, self.data.test, self.device, self.ctx, self.autocast, self.watchdog.progress)
         final = {"best_epoch": self.state["best_epoch"], "test_loss": test["loss"], "test_top1": test["top1"],
                  "test_top5": test["top5"]}
         if self.state["best_val_top1"] is not None:
@@ -521,7 +541,9 @@ class Run:
                    "optimizer": self.optimizer.state_dict(), "state": self.state, "ranks": ranks,
                    "scaler": self.scaler.state_dict() if self.scaler else None}
         for filename in filenames:
+            self.watchdog.progress(f"writing checkpoint {filename}")
             save_checkpoint(self.checkpoints / filename, content)
+        self.watchdog.progress("writing the archive after the checkpoints")
 
     def _write_archive(self, status: str, layers: bool = True) -> None:
         """Rank 0: the whole archive, rewritten (at every status change and epoch end, and as a heartbeat:
@@ -538,6 +560,14 @@ class Run:
         self.record.restarts = self.state["restarts"]
         write_archive(self.dir / "archive.h5", self.record)
         self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+
+    def _record_hang(self, message: str) -> None:
+        """The watchdog's last words (its thread; the main thread is blocked): rank 0 marks the archive failed
+        with the reason and gives the run directory back. Another rank cannot: rank 0 owns the archive."""
+        if self.is_root:
+            self.record.attrs["end_reason"] = message
+            self._write_archive("failed", layers=False)
+            self._release()
 
     def _heartbeat(self) -> None:
         """Within an epoch, between optimizer steps: the archive's heartbeat every HEARTBEAT_SECONDS, so a

@@ -17,6 +17,8 @@ Exit codes of `biprop train`:
   2    bad input (config, data, paths, a run directory that already holds a run)
   75   checkpointed after SIGUSR1/SIGTERM or at BIPROP_STOP_AT: continue it with `--resume auto`
        (EX_TEMPFAIL)
+  124  hung: a rank made no progress for `hang_timeout` seconds (its watchdog, train/watchdog.py, logged where
+       it waits and ended it); the last checkpoint stays: continue with `--resume auto` (as timeout(1)'s 124)
   130  interrupted by Ctrl-C (SIGINT); the last end-of-epoch checkpoint stays
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import threading
 import time
 
 CHECKPOINTED_EXIT = 75
+HUNG_EXIT = 124
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 DEADLINE_VAR = "BIPROP_STOP_AT"   # unix seconds; the job scripts set it (jobs/*.sh.j2)
 DEADLINE_REASON = f"deadline before the time limit ({DEADLINE_VAR})"
