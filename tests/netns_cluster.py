@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slurm_cluster import (SlurmCluster, SlurmStartError, _slurm_conf, _stop, _sweep, _teardown, find_binaries,
-                           free_ports, prepare_directories)
+                           free_ports, prepare_directories, start_controller)
 
 PREFIX = "bm-"  # of every namespace, bridge and veth this fixture makes
 MARKER = "BIPROP_NETNS_CLUSTER"  # environment variable carried by every process of a cluster
@@ -256,15 +256,7 @@ def netns_cluster(tmp_dir: str | os.PathLike, nodes: int = 2, cpus: int = 2, sta
 
     try:
         _make_network(cluster, root / "hosts")
-        start("munged", bins["munged"], "--foreground", "--force", f"--socket={munge_socket}",
-              f"--key-file={root / 'munge' / 'munge.key'}", f"--pid-file={root / 'run' / 'munged.pid'}",
-              f"--seed-file={root / 'munge' / 'munged.seed'}", f"--log-file={logs['munged']}")
-        deadline = time.monotonic() + start_timeout
-        while not munge_socket.exists():
-            if cluster.procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmStartError(f"munged did not create {munge_socket}\n{cluster.diagnostics()}")
-            time.sleep(0.05)
-        start("slurmctld", bins["slurmctld"], "-D", "-c", "-f", str(conf))
+        deadline = start_controller(cluster, start, munge_socket, start_timeout)
         for node in names:
             # nsenter and unshare exec: the Popen's pid is slurmd's. --mount: the bind mount of /etc/hosts stays
             # in this node's mount namespace.

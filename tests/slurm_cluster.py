@@ -255,15 +255,7 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
         logs.setdefault(f"{name} stdout", root / "log" / f"{name}.out")
 
     try:
-        start("munged", bins["munged"], "--foreground", "--force", f"--socket={munge_socket}",
-              f"--key-file={root / 'munge' / 'munge.key'}", f"--pid-file={root / 'run' / 'munged.pid'}",
-              f"--seed-file={root / 'munge' / 'munged.seed'}", f"--log-file={logs['munged']}")
-        deadline = time.monotonic() + start_timeout
-        while not munge_socket.exists():
-            if cluster.procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmStartError(f"munged did not create {munge_socket}\n{cluster.diagnostics()}")
-            time.sleep(0.05)
-        start("slurmctld", bins["slurmctld"], "-D", "-c", "-f", str(conf))
+        deadline = start_controller(cluster, start, munge_socket, start_timeout)
         start("slurmd", bins["slurmd"], "-D", "-f", str(conf), "-N", host)
         state = ""
         while True:
@@ -281,6 +273,22 @@ def slurm_cluster(tmp_dir: str | os.PathLike, cpus: int = 4, start_timeout: floa
         _teardown(cluster)
         for directory in cleanup_dirs:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_controller(cluster, start, munge_socket: Path, start_timeout: float) -> float:
+    """munged (waited for: slurmctld needs its socket), then slurmctld, through `start(name, *command)`; the
+    deadline (time.monotonic) by which the whole cluster must be up."""
+    root, bins = cluster.root, cluster.bins
+    start("munged", bins["munged"], "--foreground", "--force", f"--socket={munge_socket}",
+          f"--key-file={root / 'munge' / 'munge.key'}", f"--pid-file={root / 'run' / 'munged.pid'}",
+          f"--seed-file={root / 'munge' / 'munged.seed'}", f"--log-file={cluster.logs['munged']}")
+    deadline = time.monotonic() + start_timeout
+    while not munge_socket.exists():
+        if cluster.procs["munged"].poll() is not None or time.monotonic() > deadline:
+            raise SlurmStartError(f"munged did not create {munge_socket}\n{cluster.diagnostics()}")
+        time.sleep(0.05)
+    start("slurmctld", bins["slurmctld"], "-D", "-c", "-f", str(cluster.conf))
+    return deadline
 
 
 def _teardown(cluster: SlurmCluster) -> None:
