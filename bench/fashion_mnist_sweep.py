@@ -13,8 +13,6 @@ each run on 2 Horovod ranks (srun --mpi=pmix), --epochs epochs on the first --tr
   python bench/fashion_mnist_sweep.py --out /tmp/sweep --epochs 1 --train-subset 2000 --seeds 0  # smoke test
 """
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from slurm_cluster import slurm_cluster  # noqa: E402
+from _sweeps import biprop, wait_for_runs  # noqa: E402
 
 KEEP_RATIOS = "0.1,0.2,0.4,0.5,0.6,0.8"
 
@@ -50,27 +49,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="biprop-slurm-") as cluster_dir, \
             slurm_cluster(cluster_dir, cpus=2) as cluster:
         env = {**cluster.env, "OMP_NUM_THREADS": "1"}
-
-        def biprop(*command):
-            print("$ biprop " + " ".join(command), flush=True)
-            done = subprocess.run([sys.executable, "-m", "biprop_hpc", *command], cwd=REPO, env=env,
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-            return done.stdout
-
         for sweep in sweeps:
-            print(biprop("jobs", "submit", *sweep, *common), flush=True)
+            print(biprop("jobs", "submit", *sweep, *common, env=env), flush=True)
         manifests = [str(out / "sweeps" / sweep[1]) for sweep in sweeps]
-        while True:
-            states = json.loads(biprop("jobs", "status", *manifests, "--json").strip().splitlines()[-1])
-            runs = [run for job in states["jobs"] for run in job["runs"]]
-            finished = [run for run in runs if run["state"] in ("completed", "failed", "interrupted")]
-            print(f"{time.monotonic() - start:.0f} s: {len(finished)}/{len(runs)} runs finished", flush=True)
-            if len(finished) == len(runs):
-                break
-            time.sleep(30)
-        print(biprop("jobs", "status", *manifests))
+        wait_for_runs(manifests, env, start)
+        print(biprop("jobs", "status", *manifests, env=env))
     print(biprop("results", str(out), "--group-by", "auto", "--sort", "keep_ratio", "--csv",
                  str(out / "table.csv"), "--out", str(out / "summary.h5"), "--plot", str(out / "plots")))
     print(f"whole sweep: {time.monotonic() - start:.0f} s")

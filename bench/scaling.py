@@ -13,6 +13,10 @@ cores -- then the maximum over ranks; medians too, in the JSON file):
     plain MPI_Allreduce of the fp32 buffer through mpi4py (no Horovod). bf16 is not measured: Horovod 0.28.1
     allreduces only double, float, half, int and long tensors (a bfloat16 tensor raises "Tensor type
     torch.BFloat16Tensor is not supported"; hvd.Compression has only `none` and `fp16`).
+  - ACROSS NODES: the WRN-50-2 score gradient's allreduce (fp32, half tensor, mpi4py fp32) with 2 + 2 ranks on
+    the two nodes of tests/netns_cluster.py (network namespaces, one slurmd each; `srun --mpi=pmix`; between
+    the nodes TCP over veth pairs and a bridge, within a node shared memory), beside the 4 ranks on one node
+    above. Needs root (`ip netns`) and Slurm's daemons; otherwise skipped, the reason in the output.
   The ring model t(n bytes, p ranks) = 2(p-1)/p * n/B + 2(p-1) * alpha is fitted (alpha, B) to the p > 1
   times of each variant by least squares on relative error (t spans 4 orders of magnitude); p = 1 is zero in
   the model (what Horovod spends there is copies and its background cycle) and is shown, not fitted.
@@ -22,8 +26,9 @@ README "Scaling (a model)"): per-GPU compute time of WRN-50-2 from bench/results
 the score gradient as Horovod would run it (per-layer messages or fused up to its threshold; flat ring or
 hierarchical), and step = compute + max(0, allreduce - hide * compute).
 
-  python bench/scaling.py                      # measure (ranks 1,2,4; 2-5 min here, by load) and project;
-                                               # writes bench/results/<date>-scaling/ (never over a run)
+  python bench/scaling.py                      # measure (ranks 1,2,4 and 2+2 across nodes; 3-6 min here, by
+                                               # load) and project; writes bench/results/<date>-scaling/
+                                               # (never over a run); --no-nodes: not across nodes
   python bench/scaling.py --model-only         # the projection alone (seconds; files only with --out)
   python bench/scaling.py --ranks 1,2 --sizes 1024,1048576 --repeats 3 --batch 8 --out /tmp/s   # smoke test
 """
@@ -35,8 +40,10 @@ import math
 import os
 import platform
 import statistics
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -275,6 +282,10 @@ def projections(layers, args, node: NodeSpec, networks: dict) -> list:
 
 SWEEP_VARIANTS = ("fp32", "fp16 compression", "half tensor", "mpi4py fp32")
 WIRE_BYTES = {"fp32": 4, "fp16 compression": 2, "half tensor": 2, "mpi4py fp32": 4}
+# Across the namespace nodes: the score gradient only, in the variants that differ in what crosses the link
+# (fp16 compression sends what the half tensor does, plus casts on each rank: measured on one node above).
+NODE_VARIANTS = ("fp32", "half tensor", "mpi4py fp32")
+NODES, RANKS_PER_NODE = 2, 2
 
 
 def repeats_for(n_bytes: int, repeats: int) -> int:
@@ -286,11 +297,8 @@ def worker(args):
     import numpy as np
     import torch
     from mpi4py import MPI
-    from torch import nn
 
     from biprop_hpc.dist import HorovodContext
-    from biprop_hpc.models import LayerBuilder, build_model
-    from cpu_step import make_step
 
     torch.set_num_threads(args.threads)
     ctx = HorovodContext("mpirun")   # also with 1 rank, so Horovod itself is timed
@@ -302,6 +310,60 @@ def worker(args):
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
+    if args.scores_only:  # across nodes: the score gradient's allreduce alone
+        steps, trainable = {}, 0
+    else:
+        steps, trainable = measure_steps(args, ctx, timed)
+
+    # (2) allreduce of one tensor per size and variant
+    sizes = [args.score_elements] if args.scores_only else \
+        [int(s) for s in args.sizes.split(",")] + [args.score_elements]
+    wanted = NODE_VARIANTS if args.scores_only else SWEEP_VARIANTS
+    sweep = {}
+    for numel in sizes:
+        x32 = torch.randn(numel)
+        x16 = x32.half()
+        out = np.empty(numel, dtype=np.float32)
+        variants = {
+            "fp32": lambda: hvd.allreduce(x32, op=hvd.Sum, name=f"fp32_{numel}"),
+            "fp16 compression": lambda: hvd.allreduce(x32, op=hvd.Sum, name=f"fp16c_{numel}",
+                                                      compression=hvd.Compression.fp16),
+            "half tensor": lambda: hvd.allreduce(x16, op=hvd.Sum, name=f"half_{numel}"),
+            "mpi4py fp32": lambda: comm.Allreduce(x32.numpy(), out, op=MPI.SUM),
+        }
+        repeats = repeats_for(4 * numel, args.repeats)
+        for name in wanted:
+            times = [timed(variants[name]) for _ in range(args.warmup + repeats)][args.warmup:]
+            sweep[f"{name}|{numel}"] = times
+
+    # Per rank: the fastest of the repeats (the one least disturbed by other work on the shared cores) and
+    # the median; then, of each, the maximum over ranks (the slowest rank decides).
+    mine = {key: (min(times), statistics.median(times)) for key, times in {**steps, **sweep}.items()}
+    every_rank = hvd.allgather_object((socket.gethostname(), mine), name="timings")
+    hosts = [host for host, _ in every_rank]
+    every_rank = [timings for _, timings in every_rank]
+    fastest = {key: max(m[key][0] for m in every_rank) for key in mine}
+    median = {key: max(m[key][1] for m in every_rank) for key in mine}
+    if hvd.rank() != 0:
+        return
+    result = {"ranks": hvd.size(), "hosts": hosts, "controller": ctx.controller, "threads": args.threads,
+              "model": args.model, "batch": args.batch, "trainable": trainable}
+    for suffix, of in (("ms", fastest), ("median_ms", median)):
+        if steps:
+            result.update({f"compute_{suffix}": 1e3 * of["compute"], f"distributed_{suffix}": 1e3 * of["distributed"]})
+        result[f"allreduce_{suffix}"] = {name: {str(numel): 1e3 * of[f"{name}|{numel}"] for numel in sizes}
+                                         for name in wanted}
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def measure_steps(args, ctx, timed) -> tuple[dict, int]:
+    """The step's times (compute only; with Horovod's allreduce) per repeat, and the model's score count."""
+    import torch
+    from torch import nn
+
+    from biprop_hpc.models import LayerBuilder, build_model
+    from cpu_step import make_step
 
     # (1) the step: compute only (cpu_step.make_step: forward, backward, SGD) and with Horovod's allreduce
     _, compute_step = make_step(args.model, "biprop", 0.5, args.batch)
@@ -325,41 +387,7 @@ def worker(args):
             if round_ >= args.warmup:
                 steps[name].append(t)
 
-    # (2) allreduce of one tensor per size and variant
-    sizes = [int(s) for s in args.sizes.split(",")] + [args.score_elements]
-    sweep = {}
-    for numel in sizes:
-        x32 = torch.randn(numel)
-        x16 = x32.half()
-        out = np.empty(numel, dtype=np.float32)
-        variants = {
-            "fp32": lambda: hvd.allreduce(x32, op=hvd.Sum, name=f"fp32_{numel}"),
-            "fp16 compression": lambda: hvd.allreduce(x32, op=hvd.Sum, name=f"fp16c_{numel}",
-                                                      compression=hvd.Compression.fp16),
-            "half tensor": lambda: hvd.allreduce(x16, op=hvd.Sum, name=f"half_{numel}"),
-            "mpi4py fp32": lambda: comm.Allreduce(x32.numpy(), out, op=MPI.SUM),
-        }
-        repeats = repeats_for(4 * numel, args.repeats)
-        for name, fn in variants.items():
-            times = [timed(fn) for _ in range(args.warmup + repeats)][args.warmup:]
-            sweep[f"{name}|{numel}"] = times
-
-    # Per rank: the fastest of the repeats (the one least disturbed by other work on the shared cores) and
-    # the median; then, of each, the maximum over ranks (the slowest rank decides).
-    mine = {key: (min(times), statistics.median(times)) for key, times in {**steps, **sweep}.items()}
-    every_rank = hvd.allgather_object(mine, name="timings")
-    fastest = {key: max(m[key][0] for m in every_rank) for key in mine}
-    median = {key: max(m[key][1] for m in every_rank) for key in mine}
-    if hvd.rank() != 0:
-        return
-    trainable = sum(p.numel() for p in params)
-    result = {"ranks": hvd.size(), "controller": ctx.controller, "threads": args.threads, "model": args.model,
-              "batch": args.batch, "trainable": trainable}
-    for suffix, of in (("ms", fastest), ("median_ms", median)):
-        result.update({f"compute_{suffix}": 1e3 * of["compute"], f"distributed_{suffix}": 1e3 * of["distributed"],
-                       f"allreduce_{suffix}": {name: {str(numel): 1e3 * of[f"{name}|{numel}"] for numel in sizes}
-                                               for name in SWEEP_VARIANTS}})
-    print(RESULT + json.dumps(result), flush=True)
+    return steps, sum(p.numel() for p in params)
 
 
 def launch(args, score_elements: int) -> list:
@@ -381,6 +409,40 @@ def launch(args, score_elements: int) -> list:
     return results
 
 
+def launch_across_nodes(args, score_elements: int) -> dict:
+    """The score gradient's allreduce with NODES x RANKS_PER_NODE ranks on the namespace nodes of
+    tests/netns_cluster.py (the worker under `srun --mpi=pmix`); {"skipped": why} where they cannot be made."""
+    sys.path.insert(0, str(REPO / "tests"))   # the test suite's cluster fixture, a context manager
+    from netns_cluster import NamespacesUnavailable, check_namespaces, netns_cluster
+    from slurm_cluster import SlurmStartError, SlurmUnavailable
+    try:
+        check_namespaces()
+    except NamespacesUnavailable as why:
+        print(f"across nodes: skipped: {why}", flush=True)
+        return {"skipped": str(why)}
+    command = ["srun", "--mpi=pmix", f"--nodes={NODES}", f"--ntasks-per-node={RANKS_PER_NODE}", sys.executable,
+               os.path.abspath(__file__), "--scores-only", "--score-elements", str(score_elements),
+               "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    try:
+        with tempfile.TemporaryDirectory(prefix="biprop-scaling-") as tmp, \
+                netns_cluster(tmp, nodes=NODES, cpus=RANKS_PER_NODE) as cluster:
+            print(f"running {NODES} x {RANKS_PER_NODE} ranks on {', '.join(cluster.nodes)} (network namespaces, "
+                  f"subnet {cluster.subnet}): {' '.join(command)}", flush=True)
+            done = cluster.run(*command, timeout=600, cwd=str(REPO))
+    except (NamespacesUnavailable, SlurmUnavailable, SlurmStartError) as why:
+        print(f"across nodes: skipped: {why}", flush=True)
+        return {"skipped": str(why)}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{NODES} x {RANKS_PER_NODE} ranks across nodes failed (exit {done.returncode}):\n{done.stdout}\n"
+                 f"{done.stderr}")
+    result = {**json.loads(lines[-1][len(RESULT):]), "seconds": time.perf_counter() - started,
+              "load_average": [load_before, os.getloadavg()[0]]}
+    print(f"  done in {result['seconds']:.0f} s (the cluster's start and stop included)", flush=True)
+    return result
+
+
 def fits_of(results) -> dict:
     """Per sweep variant: the ring model fitted to the p > 1 times (wire bytes = elements x bytes each)."""
     fits = {}
@@ -394,8 +456,34 @@ def fits_of(results) -> dict:
 
 # ------------------------------------------------------------------------------------------ reporting
 
-def measured_report(results, fits, score_elements: int) -> list:
-    """Blocks ("text" or "table", text) of the MEASURED part."""
+def across_nodes_report(results, across: dict, fits, score_elements: int) -> list:
+    """Blocks of the MEASURED across-nodes part: the score gradient's allreduce on one node and on two."""
+    if "skipped" in across:
+        return [("text", f"MEASURED across nodes: not measured here ({across['skipped']}).")]
+    score = str(score_elements)
+    one_node = next((r for r in results if r["ranks"] == across["ranks"]), None)
+    placement = ", ".join(f"{host} x {across['hosts'].count(host)}" for host in dict.fromkeys(across["hosts"]))
+    rows = []
+    for variant in NODE_VARIANTS:
+        here = across["allreduce_ms"][variant][score]
+        there = one_node["allreduce_ms"][variant][score] if one_node else None
+        fit = fits.get(variant, (None,))[0]
+        model = 1e3 * ring_allreduce_s(score_elements * WIRE_BYTES[variant], across["ranks"], fit.bandwidth,
+                                       fit.alpha_s) if fit else None
+        rows.append([variant, f"{score_elements * WIRE_BYTES[variant] / 1e6:.0f}",
+                     "-" if there is None else f"{there:.0f}", f"{here:.0f}",
+                     "-" if there is None else f"{here / there:.2f}", "-" if model is None else f"{model:.0f}"])
+    text = (f"MEASURED across nodes: allreduce (op Sum) of the WRN-50-2 score gradient by {across['ranks']} ranks, "
+            f"{placement} (tests/netns_cluster.py: network namespaces of this machine, srun --mpi=pmix; between "
+            f"the nodes TCP over veth pairs and a bridge, within a node shared memory; the same 2 cores), beside "
+            f"the {across['ranks']} ranks on one node above; MODEL = the one-node fit's ring")
+    return [("text", text), ("table", ["variant", "wire MB", f"{across['ranks']} ranks, one node ms",
+                                       f"{placement} ms", "two nodes / one", "MODEL ms"], rows, ["s"] * 6)]
+
+
+def measured_report(results, fits, score_elements: int, across: dict | None = None) -> list:
+    """Blocks ("text" or "table", text) of the MEASURED part (`across`: launch_across_nodes's result, shown
+    before the fit table, which stays the last block)."""
     out = []
     say, show = (lambda text: out.append(("text", text))), (lambda *table_: out.append(("table", *table_)))
     first = results[0]
@@ -449,6 +537,8 @@ def measured_report(results, fits, score_elements: int) -> list:
                "B; resid = (MODEL - MEASURED) / MEASURED")
     show(header, rows, ["s"] * len(header))
     say("")
+    if across is not None:
+        out += across_nodes_report(results, across, fits, score_elements) + [("text", "")]
     rows = []
     for variant, (fit, samples) in fits.items():
         rms = math.sqrt(statistics.mean(e * e for e in fit.residuals))
@@ -529,6 +619,8 @@ def parse_args(argv=None):
                         help="elements per allreduced tensor (the WRN-50-2 score count is added)")
     parser.add_argument("--score-elements", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     parser.add_argument("--model-only", action="store_true", help="skip the measurements: the projection alone")
+    parser.add_argument("--no-nodes", action="store_true", help="skip the measurement across the namespace nodes")
+    parser.add_argument("--scores-only", action="store_true", help=argparse.SUPPRESS)  # the across-nodes worker
     parser.add_argument("--gpu-img-s", type=float, default=GPU_IMG_S, help="per-GPU WRN-50-2 images/s (MODEL)")
     parser.add_argument("--gpu-batch", type=int, default=GPU_BATCH, help="per-GPU batch (MODEL)")
     parser.add_argument("--alpha-net-us", type=float, default=None, help="network alpha per ring step, both networks")
@@ -570,12 +662,13 @@ def main():
     node = NodeSpec(nvlink_bytes_s=args.nvlink_gbs * 1e9, host_copy_bytes_s=args.host_copy_gbs * 1e9)
     networks = {key: dataclasses.replace(net, alpha_s=net.alpha_s if args.alpha_net_us is None
                                          else args.alpha_net_us * 1e-6) for key, net in NETWORKS.items()}
-    lines, results, fits = [], [], {}
+    lines, results, fits, across = [], [], {}, None
     if not args.model_only:
         args.score_elements = sum(layers)
         results = launch(args, sum(layers))
+        across = None if args.no_nodes else launch_across_nodes(args, sum(layers))
         fits = fits_of(results)
-        lines += measured_report(results, fits, sum(layers)) + [("text", "")]
+        lines += measured_report(results, fits, sum(layers), across) + [("text", "")]
     rows = projections(layers, args, node, networks)
     lines += model_report(rows, layers, args, node, networks)
     text = as_text(lines)
@@ -587,7 +680,7 @@ def main():
     command = "python bench/scaling.py " + " ".join(sys.argv[1:])
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     (out / "scaling.md").write_text(f"`{command.strip()}`, {stamp}\n\n" + as_markdown(lines))
-    record = {"command": command.strip(), "measured": results,
+    record = {"command": command.strip(), "measured": results, "across_nodes": across,
               "fits": {v: {"alpha_s": f.alpha_s, "bandwidth_bytes_s": f.bandwidth,
                            "samples": [{"bytes": n, "ranks": p, "seconds": t, "residual": e}
                                        for (n, p, t), e in zip(s, f.residuals)]} for v, (f, s) in fits.items()},

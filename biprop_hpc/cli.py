@@ -106,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("test", "val"))
     evaluate.add_argument("--data", default="", help="dataset directory (default: the one the run used)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    # robustness (biprop_hpc/train/robustness.py)
+    evaluate.add_argument("--corruptions", default="", metavar="generate|DIR",
+                          help="score corrupted copies of the test split: `generate` them (9 corruptions x 5 "
+                               "severities), or read DIR in the CIFAR-10-C layout (<corruption>.npy, labels.npy)")
+    evaluate.add_argument("--corruption-names", default="", metavar="NAME[,NAME...]",
+                          help="only these corruptions (default: all generated, or every .npy in DIR)")
+    evaluate.add_argument("--corruption-seed", type=int, default=0, help="seed of the generated corruptions")
+    evaluate.add_argument("--archive", default="", help="run archive to store the corruption results in (default: "
+                          "the run's archive.h5 beside --checkpoint's checkpoints/)")
 
     add_data_commands(commands)
     add_jobs_commands(commands)
@@ -131,14 +140,14 @@ def _setup_logging(rank: int, size: int) -> None:
                         format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
-def _run(args, ctx, stop: StopRequests) -> dict:
+def _run(args, config, ctx, stop: StopRequests) -> dict:
     if hasattr(args, "handler"):  # data, jobs, results: commands that register their own handler
         return args.handler(args)
     if args.command == "train":
         from biprop_hpc.train import train
         from biprop_hpc.train.loop import _on_root
-        # Rank 0 builds the config and broadcasts it (or its error, once): every rank runs rank 0's config.
-        return train(_on_root(ctx, "config", lambda: build_config(args.config, _overrides(args))), ctx, stop)
+        # Every rank runs rank 0's config; rank 0's error is raised on every rank and reported once.
+        return train(_on_root(ctx, "config", lambda: _built(config)), ctx, stop)
     return evaluate_command(args, ctx)  # --checkpoint or --ticket
 
 
@@ -147,16 +156,30 @@ def _overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "print_config")}
 
 
-def _hang_timeout(args) -> float:
-    """`train`'s hang_timeout, needed before Horovod starts (dist.horovod_stall_environment) while the config is
-    built (and its errors reported, by rank 0) after: every rank reads the same files and flags. A config error
-    gives the default here; the run then stops on that error anyway."""
+def _train_config(args) -> Config | Exception | None:
+    """`train`'s config as this rank builds it, or the error building it (None for other commands). Built before
+    Horovod starts, which needs its hang_timeout (dist.horovod_stall_environment); an error is reported after,
+    by rank 0 alone (_run)."""
     if args.command != "train":
-        return 0.0
+        return None
     try:
-        return build_config(args.config, _overrides(args)).hang_timeout
-    except (ValueError, OSError):  # ConfigError is a ValueError
-        return Config.hang_timeout
+        return build_config(args.config, _overrides(args))
+    except (ValueError, OSError) as error:  # ConfigError is a ValueError
+        return error
+
+
+def _built(config: Config | Exception) -> Config:
+    if isinstance(config, Exception):
+        raise config
+    return config
+
+
+def _hang_timeout(config: Config | Exception | None) -> float:
+    """0 (no watchdog) for commands other than train; a config error gives the default, as the run then stops
+    on that error anyway."""
+    if config is None:
+        return 0.0
+    return Config.hang_timeout if isinstance(config, Exception) else config.hang_timeout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             parser.error(unknown_flag_error(unknown[0]))
+    config = _train_config(args)
     if args.command == "train" and args.print_config:
-        try:
-            print(config_yaml(build_config(args.config, _overrides(args)), args.config), end="")
-        except ConfigError as error:
-            print(f"biprop: error: {error}", file=sys.stderr)
+        if isinstance(config, Exception):
+            print(f"biprop: error: {config}", file=sys.stderr)
             return 2
+        print(config_yaml(config, args.config), end="")
         return 0
     if args.command != "train":
         for signum in STOP_SIGNALS:
@@ -193,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx, rank = None, ""
     try:
         from biprop_hpc.dist import init_distributed
-        ctx = init_distributed(_hang_timeout(args))
+        ctx = init_distributed(_hang_timeout(config))
         _setup_logging(ctx.rank, ctx.size)
         rank = f"[rank {ctx.rank}] " if ctx.size > 1 else ""
-        result = _run(args, ctx, stop)
+        result = _run(args, config, ctx, stop)
     except CommonError as error:  # every rank has it: rank 0 says it, once
         if ctx.rank == 0:
             print(f"biprop: error: {error}", file=sys.stderr, flush=True)

@@ -40,7 +40,9 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),
     "loader": LOADERS,
+    "pruning": ("layerwise", "global"),
     "dataset": FILE_DATASETS + IMAGE_TREE_DATASETS,
+    "augmentation": ("none", "augmix", "gaussian"),
 }
 
 
@@ -90,6 +92,18 @@ class Config:
     batch_size: int = 128          # PER PROCESS (rank); the global batch is batch_size * world size
     eval_batch_size: int = 512     # per process, for validation and test
     augment: bool = True           # the dataset's standard training augmentation (none for IDX sets)
+    # "A Winning Hand"'s training augmentation on top of `augment`: none | augmix | gaussian (README: Augmentation)
+    augmentation: str = "none"
+    augmix_severity: int = 3       # AugMix: operation strength, 1-10 (the original's aug_severity)
+    augmix_width: int = 3          # AugMix: chains mixed per view (the original's mixture_width)
+    augmix_depth: int = -1         # AugMix: operations per chain; -1: 1 to 3 at random (the original's mixture_depth)
+    augmix_alpha: float = 1.0      # AugMix: Dirichlet and Beta parameter of the mixing weights (the original fixed 1)
+    augmix_all_ops: bool = False   # AugMix: add colour, contrast, brightness, sharpness (--all-augmix-augmentations)
+    # AugMix: weight of the Jensen-Shannon consistency loss over the clean and two augmented views (12 as the
+    # AugMix paper and the original's --jsd); 0: one AugMix view per sample, cross-entropy only
+    jsd_weight: float = 12.0
+    noise_std: float = 0.1         # gaussian: std of the noise added to [0, 1] pixels (the original's std_gauss)
+    noise_fraction: float = 0.5    # gaussian: probability that an image is noised (the original's 1 - p_clean)
     # image trees (dataset imagefolder / imagenet): loader and preprocessing
     loader: str = "auto"           # auto (DALI when installed, else torch) | dali | dali-cpu | torch
     loader_workers: int = 4        # DALI threads / torch DataLoader worker processes per rank
@@ -102,6 +116,10 @@ class Config:
     width_mult: float = 1.0        # multiplies every layer's channels
     layer_type: str = "biprop"     # biprop: search a ticket; dense: train the same network's weights
     keep_ratio: float = 0.5        # fraction of each layer's weights KEPT (alias: prune_rate)
+    # layerwise: every BIPROP layer keeps keep_ratio of its weights | global: one |score| threshold over all
+    # BIPROP layers together keeps keep_ratio of all their weights (layers keep different fractions; README)
+    pruning: str = "layerwise"
+    prune_rate_epoch: int = 10     # global, keep_ratio <= 0.5: epochs over which the kept fraction decays from 0.5
     weight_init: str = "kn"        # random weights: kn normal, sc signed constant, uc constant; u...: fan unscaled
     # what kn/sc/uc multiply the fan by: kept_fraction (k, our correction) | pruned_fraction (1 - k, the
     # original's formula, in the paper configs) | none; ukn/usc/uuc always use the plain fan
@@ -144,6 +162,19 @@ class Config:
             raise ConfigError(f"fan_scale pruned_fraction scales the fan of {self.weight_init} by 1 - keep_ratio, "
                               "which is 0 at keep_ratio 1: use --fan-scale kept_fraction or none, or a keep "
                               "ratio below 1")
+        if self.pruning == "global" and self.layer_type != "biprop":
+            raise ConfigError(f"pruning global prunes BIPROP layers, but layer_type is {self.layer_type}: use "
+                              "--layer-type biprop, or --pruning layerwise for a dense run")
+        if self.prune_rate_epoch < 0:
+            raise ConfigError(f"prune_rate_epoch: must be >= 0 (the epochs over which global pruning's kept "
+                              f"fraction decays from 0.5 to keep_ratio; 0: keep_ratio from the start), "
+                              f"got {self.prune_rate_epoch}")
+        if (self.pruning == "global" and self.keep_ratio <= 0.5 and self.epochs <= self.prune_rate_epoch):
+            raise ConfigError(f"pruning global: the kept fraction decays from 0.5 over prune_rate_epoch "
+                              f"{self.prune_rate_epoch} epochs and reaches keep_ratio {self.keep_ratio:g} in epoch "
+                              f"{self.prune_rate_epoch + 1}, but epochs is {self.epochs}: a ticket must keep "
+                              f"keep_ratio, so give --epochs above {self.prune_rate_epoch} or a smaller "
+                              "--prune-rate-epoch (0: keep_ratio from the start)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: {self.val_fraction} must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -160,6 +191,7 @@ class Config:
         for key in ("lr", "width_mult"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)}")
+        self._validate_augmentation()
         if not 0.0 < self.random_area_min <= 1.0:
             raise ConfigError(f"random_area_min: {self.random_area_min} must be in (0, 1]")
         for key in ("save_every", "train_subset", "test_subset", "warmup_epochs", "threads", "loader_workers",
@@ -173,6 +205,30 @@ class Config:
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas: give two numbers, got {self.adam_betas}")
         return self
+
+    def _validate_augmentation(self) -> None:
+        if not 1 <= self.augmix_severity <= 10:
+            raise ConfigError(f"augmix_severity: {self.augmix_severity} must be in 1..10 (AugMix's levels; the "
+                              "original's default is 3)")
+        if self.augmix_width < 1:
+            raise ConfigError(f"augmix_width: must be >= 1 chains, got {self.augmix_width}")
+        if self.augmix_depth == 0 or self.augmix_depth < -1:
+            raise ConfigError(f"augmix_depth: must be >= 1 operations per chain, or -1 for 1 to 3 at random; "
+                              f"got {self.augmix_depth}")
+        if self.augmix_alpha <= 0:
+            raise ConfigError(f"augmix_alpha: must be > 0, got {self.augmix_alpha}")
+        if self.jsd_weight < 0:
+            raise ConfigError(f"jsd_weight: must be >= 0 (0: no consistency loss), got {self.jsd_weight}")
+        if self.noise_std <= 0:
+            raise ConfigError(f"noise_std: must be > 0, got {self.noise_std}")
+        if not 0.0 <= self.noise_fraction <= 1.0:
+            raise ConfigError(f"noise_fraction: {self.noise_fraction} must be in [0, 1] (the probability that a "
+                              "training image is noised)")
+        if (self.augmentation != "none" and self.dataset in IMAGE_TREE_DATASETS
+                and self.loader in ("dali", "dali-cpu")):
+            raise ConfigError(f"augmentation {self.augmentation} runs in the torch loader, not in DALI's pipeline: "
+                              f"use --loader torch (loader: torch), or augmentation: none with loader "
+                              f"{self.loader}")
 
     def run_dir(self) -> Path:
         """Where this run lives: <out>/<config_name>/keep=<k>/<name>/."""

@@ -216,6 +216,14 @@ def _conf(base: str, cluster: NetnsCluster, ctld_host: str, cpus: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def slurmd_command(cluster: NetnsCluster, node: str) -> list[str]:
+    """The command that runs `node`'s slurmd in its namespace, as the node's host name (also to start it again
+    after a test killed it)."""
+    return ["nsenter", f"--net=/run/netns/{cluster.namespaces[node]}", "unshare", "--uts", "--mount", "sh", "-c",
+            'hostname "$1" && mount --bind "$2" /etc/hosts && exec "$3" -D -f "$4" -N "$1"',
+            "sh", node, str(cluster.root / "hosts"), cluster.bins["slurmd"], str(cluster.conf)]
+
+
 @contextlib.contextmanager
 def netns_cluster(tmp_dir: str | os.PathLike, nodes: int = 2, cpus: int = 2, start_timeout: float = 60):
     """Start munged + slurmctld and one slurmd per node namespace under tmp_dir; yield a NetnsCluster once every
@@ -234,6 +242,12 @@ def netns_cluster(tmp_dir: str | os.PathLike, nodes: int = 2, cpus: int = 2, sta
     conf = root / "slurm.conf"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
     env |= {"SLURM_CONF": str(conf), MARKER: tag}
+    # Open MPI's shared-memory files (btl vader) are named <host>.<job>.<local rank>: node1's of job 1 would be
+    # the same file in every cluster of this kind on the machine (its /dev/shm is shared), and two clusters'
+    # ranks writing one file can crash (the likely cause of a SIGSEGV in mca_btl_vader_poll_handle_frag seen once
+    # here). Each cluster has its own.
+    (root / "shm").mkdir(exist_ok=True)
+    env["OMPI_MCA_btl_vader_backing_directory"] = str(root / "shm")
     logs = {"munged": root / "log" / "munged.log", "slurmctld": root / "log" / "slurmctld.log",
             **{f"slurmd {node}": root / "log" / f"slurmd-{node}.log" for node in names}}
     cluster = NetnsCluster(root=root, conf=conf, node=names[0], cpus=cpus, env=env, bins=bins, logs=logs,
@@ -262,10 +276,7 @@ def netns_cluster(tmp_dir: str | os.PathLike, nodes: int = 2, cpus: int = 2, sta
             # in this node's mount namespace.
             (root / "spool" / node).mkdir(exist_ok=True)
             (root / "tmp" / node).mkdir(parents=True, exist_ok=True)
-            start(f"slurmd {node}", "nsenter", f"--net=/run/netns/{cluster.namespaces[node]}",
-                  "unshare", "--uts", "--mount", "sh", "-c",
-                  'hostname "$1" && mount --bind "$2" /etc/hosts && exec "$3" -D -f "$4" -N "$1"',
-                  "sh", node, str(root / "hosts"), bins["slurmd"], str(conf))
+            start(f"slurmd {node}", *slurmd_command(cluster, node))
         while True:
             states = cluster.node_states()
             if all(states.get(node) == "idle" for node in names):

@@ -32,7 +32,7 @@ from biprop_hpc.dist import Local, horovod_stall_environment, set_horovod_stall_
 from biprop_hpc.train import Run
 from biprop_hpc.train.checkpoint import load_checkpoint
 from biprop_hpc.train.stopping import HUNG_EXIT
-from biprop_hpc.train.watchdog import Watchdog
+from biprop_hpc.train.watchdog import Heartbeats, Watchdog
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("hang_worker.py"))
@@ -87,6 +87,80 @@ def test_a_stopped_or_disabled_watchdog_never_ends_the_process():
     assert not ended.event.wait(0.5)
 
 
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_silent_ranks_are_named_with_their_hosts(tmp_path):
+    """Heartbeat files of 4 ranks on a fake clock: rank 1 beat 2 s ago (fresh), rank 2 on node2 100 s ago, rank 3
+    never (no file); with a 1 s interval a rank is silent after 3 s."""
+    clock = FakeClock(1000.0)
+    me = Heartbeats(tmp_path / "hb", 0, 4, "node1", clock)
+    clock.now = 900.0
+    Heartbeats(tmp_path / "hb", 2, 4, "node2", clock).beat()
+    clock.now = 998.0
+    Heartbeats(tmp_path / "hb", 1, 4, "node1", clock).beat()
+    clock.now = 1000.0
+    me.beat()
+    ages = me.ages()
+    assert ages == {1: ("node1", 2.0), 2: ("node2", 100.0), 3: (None, None)}
+    assert watchdog.silent_ranks(ages, 1.0) == [(2, "node2", 100.0), (3, None, None)]
+    assert watchdog.silent_ranks(ages, 0.5) == [(1, "node1", 2.0), (2, "node2", 100.0), (3, None, None)]
+    assert watchdog.name_silent(watchdog.silent_ranks(ages, 1.0), 4) == (
+        "rank 2 of 4 on node2, silent for 100 s; rank 3 of 4 (no heartbeat since this job started: stuck in "
+        "start-up, or its node was lost) (no heartbeat: stopped, or its node is lost)")
+    assert "every rank's heartbeat is fresh" in watchdog.name_silent([], 4)
+    # a lost node of a large job: 8 ranks named, the rest counted
+    many = [(rank, "node9", 50.0) for rank in range(32, 64)]
+    assert watchdog.name_silent(many, 256).endswith("rank 39 of 256 on node9, silent for 50 s and 24 more silent "
+                                                    "ranks (no heartbeat: stopped, or its node is lost)")
+    # rank 0 empties the directory when it claims the run directory: files of an earlier job are gone
+    watchdog.reset_heartbeats(tmp_path)
+    assert (tmp_path / watchdog.HEARTBEAT_DIR).is_dir() and not list((tmp_path / watchdog.HEARTBEAT_DIR).iterdir())
+    assert watchdog.heartbeat_interval(600) == 30 and watchdog.heartbeat_interval(10) == 1
+
+
+def test_a_waiting_rank_names_the_rank_whose_heartbeat_stopped(tmp_path):
+    """Three ranks in one process: rank 1 (nodeB) beats once and falls silent, as a stopped one; rank 2's thread
+    keeps beating. Rank 0's watchdog (0.5 s: heartbeats every 0.05 s, silent after 0.15 s) waits in a collective."""
+    ended, said, done = Ended(), [], threading.Event()
+    dog = Watchdog(0.5, "rank 0 of 3 on nodeA", last_words=said.append, end=ended)
+    dog.attach(Heartbeats(tmp_path, 0, 3, "nodeA"))
+    Heartbeats(tmp_path, 1, 3, "nodeB").beat()
+    live = Heartbeats(tmp_path, 2, 3, "nodeC")
+    threading.Thread(target=lambda: [live.beat() for _ in iter(lambda: done.wait(0.02), True)], daemon=True).start()
+    dog.start()
+    try:
+        with dog.waiting("allreduce 'x'"):
+            assert ended.event.wait(5)
+    finally:
+        done.set()
+    assert re.fullmatch(r"rank 0 of 3 on nodeA: no progress for \d s \(hang_timeout 0.5 s\), waiting in allreduce 'x' "
+                        r"for rank 1 of 3 on nodeB, silent for \d s \(no heartbeat: stopped, or its node is lost\); "
+                        r"ending the job \(exit 124\)", said[0]), said[0]
+    dog.stop()
+    assert not (tmp_path / "rank_0").exists()  # a finished rank is not a silent one
+
+
+def test_heartbeats_that_cannot_be_read_do_not_keep_the_job_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr(watchdog, "READ_HEARTBEATS_SECONDS", 0.2)
+    ended, said, blocked = Ended(), [], threading.Event()
+    heartbeats = Heartbeats(tmp_path, 0, 2, "nodeA")
+    dog = Watchdog(0.3, "rank 0 of 2 on nodeA", last_words=said.append, end=ended)
+    dog.attach(heartbeats)
+    monkeypatch.setattr(heartbeats, "ages", lambda: blocked.wait() and {})  # a file system that does not answer
+    with dog.start().waiting("allreduce 'x'"):
+        assert ended.event.wait(5)
+    blocked.set()
+    assert f"for another rank, which is stopped or stuck (Horovod's stall warning above, if any, names it); the " \
+           f"heartbeats in {tmp_path} gave no answer in 0.2 s; ending the job" in said[0]
+    dog.stop()
+
+
 def test_the_hang_timeout_key_and_horovods_stall_check():
     assert build_config(None, {}).hang_timeout == 600 and "hang_timeout" in EXECUTION_KEYS
     with pytest.raises(ConfigError, match="hang_timeout: must be >= 0 seconds"):
@@ -106,11 +180,12 @@ def test_the_hang_timeout_key_and_horovods_stall_check():
 def test_the_timeout_is_known_before_horovod_starts_from_the_config_file_and_the_flags(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("hang_timeout: 42\n")
-    parse = cli._parser().parse_args
-    assert cli._hang_timeout(parse(["train", "--config", str(config)])) == 42
-    assert cli._hang_timeout(parse(["train", "--config", str(config), "--hang-timeout", "7"])) == 7
-    assert cli._hang_timeout(parse(["train", "--lr", "-1"])) == 600  # a bad config: the default; rank 0 reports it
-    assert cli._hang_timeout(parse(["models"])) == 0
+    def timeout(*argv: str) -> float:
+        return cli._hang_timeout(cli._train_config(cli._parser().parse_args(argv)))
+    assert timeout("train", "--config", str(config)) == 42
+    assert timeout("train", "--config", str(config), "--hang-timeout", "7") == 7
+    assert timeout("train", "--lr", "-1") == 600  # a bad config: the default; rank 0 reports it
+    assert timeout("models") == 0
 
 
 # --- real mpirun jobs ------------------------------------------------------------------------------------------
@@ -183,8 +258,10 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, tiny_idx_dir, 
     lines = [line for line in stderr.splitlines() if "no progress for" in line]
     assert len(lines) == 1, stderr  # the waiting rank's; the stopped rank says nothing
     assert f"rank {waiting_rank} of 2 on {socket.gethostname()}: no progress for" in lines[0]
-    assert "waiting in the optimizer step after step" in lines[0] and "(its gradient allreduce) for another rank" \
-        in lines[0]
+    # ... and the stopped one, by its heartbeat (before heartbeats: "for another rank, which is stopped or stuck")
+    assert "waiting in the optimizer step after step" in lines[0] and f"(its gradient allreduce) for rank " \
+        f"{stopped_rank} of 2 on {socket.gethostname()}, silent for " in lines[0]
+    assert "(no heartbeat: stopped, or its node is lost)" in lines[0]
     assert f"ending the job (exit {HUNG_EXIT})" in lines[0]
     assert "Missing ranks" not in stderr  # Horovod's coordinator itself waits on a stopped rank: no stall warning
     assert gone(int(stopped.read_text()), within=30)  # the launcher took the stopped rank down with the job
@@ -210,6 +287,50 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(tmp_path, tiny_idx_dir, 
     archive = read_archive(out / "default/keep=0.5/run/archive.h5")
     assert archive.attrs["status"] == "completed" and archive.metrics["epoch"] == [1, 2, 3]
     assert [(r["epoch"], r["step"], r["reason"]) for r in archive.restarts] == [(1, 0, reason)]
+
+
+@needs_mpirun
+def test_a_rank_stopped_in_the_start_up_ends_the_job(tmp_path, tiny_idx_dir):
+    """Rank 1 stops as it builds the data, before the run's first checkpoint; rank 0 waits in the resume broadcast.
+    Before the watchdog watched the start-up, nothing ended this job (the subprocess timeout fails the test)."""
+    timeout = 8.0
+    out = tmp_path / "out"
+    out.mkdir()
+    job = start_job(out, tiny_idx_dir, "startup:1", "--epochs", "1", "--hang-timeout", str(timeout))
+    stopped = out / "stopped"
+    deadline = time.monotonic() + 120
+    while not stopped.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped_at = time.monotonic()
+    assert stopped.exists(), finish(job, out, 5)[1]
+    code, stderr = finish(job, out, timeout + HANG_MARGIN + 30)
+    ended_after = time.monotonic() - stopped_at
+    assert code == HUNG_EXIT, stderr
+    assert timeout - 1 <= ended_after <= timeout + HANG_MARGIN, (ended_after, stderr)
+    [line] = [line for line in stderr.splitlines() if "no progress for" in line]
+    assert f"rank 0 of 2 on {socket.gethostname()}: no progress for" in line
+    assert f"waiting in broadcast 'resume' for rank 1 of 2 on {socket.gethostname()}, silent for" in line
+    assert not (out / "default/keep=0.5/run/archive.h5").exists()  # stopped before the archive's first write
+    assert gone(int(stopped.read_text()), within=30)
+
+
+def test_in_the_start_up_only_a_silent_rank_ends_the_job(tmp_path):
+    """The start-up may rightly be slow (torch's first imports take seconds on a busy machine): a busy rank, or
+    one waiting while every heartbeat is fresh, is not ended there; one waiting for a silent rank is."""
+    ended = Ended()
+    busy = Watchdog(0.2, "rank 0 of 2 on nodeA", end=ended).start(start_up=True)
+    waiting = Watchdog(0.2, "rank 0 of 2 on nodeA", end=ended)
+    waiting.attach(Heartbeats(tmp_path, 0, 2, "nodeA"))
+    other = Watchdog(0.2, "rank 1 of 2 on nodeB", end=ended)
+    other.attach(Heartbeats(tmp_path, 1, 2, "nodeB"))  # rank 1's own thread beats: fresh
+    other.start(start_up=True)
+    with waiting.start(start_up=True).waiting("broadcast 'resume'"):
+        assert not ended.event.wait(1.0)  # five timeouts
+        other.stop()  # rank 1 falls silent: its last beat now, never touched again
+        Heartbeats(tmp_path, 1, 2, "nodeB").beat()
+        assert ended.event.wait(5) and ended.code == HUNG_EXIT
+    busy.stop()
+    waiting.stop()
 
 
 @needs_mpirun

@@ -464,7 +464,7 @@ def test_stdout_holds_only_the_requested_format(sweep, tmp_path, capsys):
 
     assert run_cli(sweep, "--format", "json", "--sort", "test_top1") == 0
     runs = json.loads(capsys.readouterr().out)
-    assert len(runs) == 12 and list(runs[0]) == list(TABLE_COLUMNS)
+    assert len(runs) == 12 and list(runs[0]) == [*TABLE_COLUMNS, "robustness"]  # robustness: null without one
     by_id = {run["run_id"]: run for run in runs}
     for run_id in REAL_COMPLETED:
         assert by_id[run_id]["test_top1"] == archive_values(sweep / run_id / "archive.h5")["final"]["test_top1"]

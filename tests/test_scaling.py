@@ -2,7 +2,9 @@
 inputs (the WRN-50-2 score count, the per-GPU step, the recipe's batch, Horovod 0.28.1's facts) and the README's
 table. Seconds; no mpirun."""
 import importlib.util
+import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -251,8 +253,9 @@ def test_readme_holds_the_measured_fit(scaling):
     record = json.loads((REPO / "bench/results/2026-12-06-scaling/scaling.json").read_text())
     results = record["measured"]
     fits = scaling.fits_of(results)
-    blocks = scaling.measured_report(results, fits, 68_814_016)
-    fit_table = [scaling.pipe_table(*block[1:]) for block in blocks if block[0] == "table"][-1]
+    across = record["across_nodes"]
+    blocks = scaling.measured_report(results, fits, 68_814_016, across)
+    *_, across_table, fit_table = [scaling.pipe_table(*block[1:]) for block in blocks if block[0] == "table"]
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Scaling (a model)"):]
     assert fit_table in section
@@ -261,12 +264,44 @@ def test_readme_holds_the_measured_fit(scaling):
     loads = [value for r in results for value in r["load_average"]]
     assert f"{min(loads):.1f}-{max(loads):.1f}" in prose
     one, two = results[0]["allreduce_ms"], results[1]["allreduce_ms"]
-    assert f"256 floats take {one['fp32']['256']:.2f} ms on one rank" in prose
-    assert f"{one['mpi4py fp32']['256']:.2f} ms for `MPI_Allreduce`" in prose
-    assert round(fits["fp32"][0].alpha_s / fits["mpi4py fp32"][0].alpha_s) == 8
-    assert round(sum(r["seconds"] for r in results)) == 183
-    assert f"{two['mpi4py fp32']['1024']:.2f} ms and one of 16,384 floats {two['mpi4py fp32']['16384']:.0f} ms" in prose
     score = "68814016"
+    assert f"256 floats take {one['fp32']['256']:.2f} ms on one rank" in prose
+    assert f"{one['mpi4py fp32']['256']:.3f} ms for `MPI_Allreduce`" in prose
+    assert round(fits["fp32"][0].alpha_s / fits["mpi4py fp32"][0].alpha_s) == 9 and "alpha is 9x MPI's" in prose
+    assert round(sum(r["seconds"] for r in results)) == 277 and "277 s of `mpirun` runs" in prose
+    # across the namespace nodes: 2 ranks on each of the fixture's nodes, beside the 4 ranks on one node
+    assert across["hosts"] == ["node1", "node1", "node2", "node2"] and across_table in section
+    assert f"{round(across['seconds'])} s across the namespace nodes" in prose
+    ratios = [across["allreduce_ms"][v][score] / results[2]["allreduce_ms"][v][score] for v in scaling.NODE_VARIANTS]
+    assert f"Two nodes took {min(ratios):.2f}-{max(ratios):.2f}x the one-node time" in prose
+    rms = [math.sqrt(statistics.mean(e * e for e in fit.residuals)) for fit, _ in fits.values()]
+    assert f"residuals of {100 * min(rms):.0f}-{100 * max(rms):.0f}% rms" in prose
+    assert f"{two['mpi4py fp32']['1024']:.2f} ms and one of 16,384 floats {two['mpi4py fp32']['16384']:.0f} ms" in prose
     assert (f"{two['fp16 compression'][score] / 1e3:.2f} s against {two['fp32'][score] / 1e3:.2f} s at 2 ranks"
             in prose)
     assert f"takes {two['half tensor'][score] / 1e3:.2f} s" in prose
+
+
+def test_across_nodes_is_skipped_with_the_reason_where_namespaces_cannot_be_made(scaling, monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    across = scaling.launch_across_nodes(scaling.parse_args([]), 1000)
+    assert across == {"skipped": "network namespaces need root (`ip netns add`); run the tests as root"}
+    [(kind, text)] = scaling.across_nodes_report([], across, {}, 1000)
+    assert text == f"MEASURED across nodes: not measured here ({across['skipped']})."
+
+
+def test_across_nodes_runs_two_ranks_on_each_of_two_namespace_nodes(scaling, monkeypatch):
+    """The real measurement, small: 1,000 floats by 2 + 2 ranks on the fixture's two nodes (about 20 s)."""
+    try:
+        sys.path.insert(0, str(REPO / "tests"))
+        from netns_cluster import NamespacesUnavailable, check_namespaces
+        check_namespaces()
+    except NamespacesUnavailable as why:
+        pytest.skip(str(why))
+    monkeypatch.setattr(sys, "argv", ["scaling.py"])
+    across = scaling.launch_across_nodes(scaling.parse_args(["--repeats", "2"]), 1000)
+    assert across["hosts"] == ["node1", "node1", "node2", "node2"] and across["ranks"] == 4
+    assert set(across["allreduce_ms"]) == set(scaling.NODE_VARIANTS) == {"fp32", "half tensor", "mpi4py fp32"}
+    assert all(0 < times["1000"] < 10_000 for times in across["allreduce_ms"].values())
+    text, table = scaling.across_nodes_report([], across, {}, 1000)
+    assert "node1 x 2, node2 x 2" in text[1] and table[2][0][:4] == ["fp32", "0", "-", table[2][0][3]]

@@ -104,9 +104,9 @@ def test_another_architecture_or_shape_is_a_clear_error_and_nothing_is_written(f
     assert done.returncode == 2 and "linear.2" in done.stderr and "(256, 200)" in done.stderr
     done = biprop("import-original", fixture_dir / "conv4_k0.5.pth", "--model", "vgg_small_textbook", "--out", out)
     assert done.returncode == 2 and "supported" in done.stderr
-    torch.save({**checkpoint, "conv_type": "GlobalSubnetConv"}, bare)
+    torch.save({**checkpoint, "conv_type": "SampleSubnetConv"}, bare)   # edge-popup's sampled masks: not BIPROP
     done = biprop("import-original", bare, "--out", out)
-    assert done.returncode == 2 and "GlobalSubnetConv" in done.stderr
+    assert done.returncode == 2 and "SampleSubnetConv" in done.stderr
     assert not out.exists() and not list(tmp_path.glob(".t.h5*"))
 
 

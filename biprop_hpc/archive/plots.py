@@ -7,6 +7,8 @@ taller when the legend needs it, saved with bbox_inches="tight" so the legend ri
   paper's reported accuracy (`paper_top1` of the configs) as star markers.
 - `val_top1_curves.png`: validation top-1 per epoch, one line per group (every setting that varies except
   the seed), the mean over its runs with a band of +- one standard deviation.
+- `kept_fraction/<run id with / as __>.png`, one per completed run with global pruning: each BIPROP layer's kept
+  fraction per epoch (log scale), from the archive's /kept_fraction table.
 Only completed runs are drawn, as in the statistics. A plot with nothing to draw says so in its middle.
 Every line has its own (colour, marker, line style), see line_style: tab10's 10 colours alone repeat from the
 11th group on.
@@ -52,8 +54,32 @@ def write_plots(rows: list[RunRow], directory: str | Path) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     done = [row for row in rows if row.completed]
-    return [plot_top1_vs_keep_ratio(done, directory / "top1_vs_keep_ratio.png"),
-            plot_learning_curves(done, directory / "val_top1_curves.png")]
+    paths = [plot_top1_vs_keep_ratio(done, directory / "top1_vs_keep_ratio.png"),
+             plot_learning_curves(done, directory / "val_top1_curves.png")]
+    for row in done:
+        if row.settings.get("pruning") == "global":
+            (directory / "kept_fraction").mkdir(exist_ok=True)
+            name = row.run_id.replace("/", "__") + ".png"
+            paths.append(plot_kept_fraction(row, directory / "kept_fraction" / name))
+    return paths
+
+
+def plot_kept_fraction(row: RunRow, path: Path) -> Path:
+    """One run: every BIPROP layer's kept fraction against the epoch, one line per layer."""
+    figure, axes = plt.subplots(figsize=FIGURE_INCHES, dpi=DPI)
+    kept = row.record.kept_fraction
+    for index, name in enumerate(kept["layers"]):
+        fractions = [epoch_row[index] for epoch_row in kept["fractions"]]
+        axes.plot(kept["epochs"], fractions, **line_style(index), markersize=5, label=f"layer {name}")
+    has_data = bool(kept["epochs"]) and bool(kept["layers"])
+    if has_data:
+        axes.set_yscale("log")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("kept fraction of the layer's weights")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title(f"Kept fraction per layer: {row.run_id} (keep ratio {row.keep_ratio:g}, global pruning)")
+    _finish(figure, axes, has_data=has_data, path=path)
+    return path
 
 
 def plot_top1_vs_keep_ratio(done: list[RunRow], path: Path) -> Path:

@@ -55,8 +55,8 @@ Summary archive (--out FILE, HDF5, rewritten whole from the runs found now, atom
   /groups    compound dataset, one row per group (with --group-by or --best): the group keys, runs, left_out,
              mean and std of best_val_top1, test_top1, test_top5, paper_top1, paper_diff, best_run_id
   /runs/<run id>/   one group per readable run (nested as the run layout): the archive's root attributes
-             plus source_path; metrics/ (datasets, epoch their dimension scale), final (attributes), layers and
-             restarts (tables)
+             plus source_path; metrics/ (datasets, epoch their dimension scale), final (attributes), layers,
+             restarts and ranks (tables), robustness (a group as in the archive, when the run has one)
 The runs are COPIED, not linked (HDF5 external links): a summary must outlive its runs, which get moved,
 renamed or purged from scratch file systems, and an external link would dangle then; a link also resolves
 relative to where the summary is read, and reading through links would open (and depend on) every run
@@ -79,8 +79,9 @@ import h5py
 import numpy as np
 
 import biprop_hpc
-from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord, attribute_value,
-                                            plain_value, read_archive, write_metrics)
+from biprop_hpc.archive.run_archive import (LAYER_DTYPE, RANK_DTYPE, RESTART_DTYPE, ArchiveError, RunRecord,
+                                            attribute_value, corruption_means, plain_value, read_archive,
+                                            write_metrics, write_robustness)
 from biprop_hpc.files import replace_atomically
 
 ARCHIVE_NAME = "archive.h5"
@@ -98,7 +99,7 @@ TABLE_COLUMNS = {
     "run_id": str, "path": str, "run": str, "config": str, "model": str, "type": str, "init": str,
     "batchnorm": str, "keep_ratio": float, "seed": int, "world_size": int, "epochs_done": int,
     "epochs_total": int, "restarts": int, "best_val_top1": float, "best_epoch": int, "test_top1": float,
-    "test_top5": float, "paper_top1": float, "paper_diff": float, "wall_seconds": float, "status": str,
+    "test_top5": float, "corruption_top1": float, "paper_top1": float, "paper_diff": float, "wall_seconds": float, "status": str,
     "note": str,
 }
 STAT_COLUMNS = ("best_val_top1", "test_top1", "test_top5")
@@ -178,6 +179,7 @@ class RunRow:
     best_epoch: int | None = None
     test_top1: float | None = None
     test_top5: float | None = None
+    corruption_top1: float | None = None   # mean top-1 over the corrupted test sets (biprop evaluate --corruptions)
     paper_top1: float | None = None
     paper_diff: float | None = None
     wall_seconds: float | None = None
@@ -258,6 +260,7 @@ def row_of(path: Path, run_id: str, record: RunRecord, now: datetime, stale_afte
         epochs_total=attrs.get("epochs", config.get("epochs")), restarts=len(record.restarts),
         best_val_top1=final.get("best_val_top1"), best_epoch=final.get("best_epoch"),
         test_top1=final.get("test_top1"), test_top5=final.get("test_top5"),
+        corruption_top1=record.robustness.get("mean_top1"),
         paper_top1=config.get("paper_top1") or None,
         wall_seconds=sum(epoch_seconds) if epoch_seconds else None,
         settings=config, record=record)
@@ -489,7 +492,7 @@ RUN_VIEW = (  # terminal header, column (or a function of the row), format
     ("init", "init", "s"), ("BN", "batchnorm", "s"), ("keep", "keep_ratio", "g"), ("seed", "seed", "d"),
     ("ranks", "world_size", "d"), ("epochs", _epochs, "s"), ("restarts", "restarts", "d"),
     ("best val", "best_val_top1", ".2f"), ("test top-1", "test_top1", ".2f"), ("top-5", "test_top5", ".2f"),
-    ("paper", "paper_top1", ".2f"), ("diff", "paper_diff", "+.2f"), ("wall", _wall, "s"), ("status", "status", "s"),
+    ("corrupt top-1", "corruption_top1", ".2f"), ("paper", "paper_top1", ".2f"), ("diff", "paper_diff", "+.2f"), ("wall", _wall, "s"), ("status", "status", "s"),
 )
 
 
@@ -609,6 +612,21 @@ def json_text(records: list[dict]) -> str:
                       indent=2, allow_nan=False)
 
 
+def with_robustness(records: list[dict], rows: list[RunRow]) -> list[dict]:
+    """Run records (not group records) with their corruption results in detail under "robustness": clean_top1,
+    mean_top1, source, seed, evaluated, time, corruptions ({name: mean top-1 over the severities}) and rows (one
+    per corruption and severity); null for a run without them."""
+    details = {row.run_id: row.record.robustness for row in rows if row.record is not None}
+    out = []
+    for record in records:
+        if "run_id" in record:
+            found = details.get(record["run_id"])
+            record = {**record, "robustness": {**found, "corruptions": corruption_means(found["rows"])}
+                      if found else None}
+        out.append(record)
+    return out
+
+
 def run_record(row: RunRow) -> dict:
     return {column: getattr(row, column) for column in TABLE_COLUMNS}
 
@@ -664,6 +682,10 @@ def _copy_run(group: h5py.Group, row: RunRow) -> None:
     group.create_dataset("layers", data=np.array(layers, dtype=LAYER_DTYPE))
     restarts = [(r["time"], r["epoch"], r["step"], r["reason"]) for r in record.restarts]
     group.create_dataset("restarts", data=np.array(restarts, dtype=RESTART_DTYPE))
+    ranks = [(r["rank"], r["host"], r["local_rank"], r["local_size"], r["device"]) for r in record.ranks]
+    group.create_dataset("ranks", data=np.array(ranks, dtype=RANK_DTYPE))  # where each rank ran (several nodes)
+    if record.robustness:  # biprop evaluate --corruptions: the archive's /robustness, copied the same
+        write_robustness(group, record.robustness)
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -693,6 +715,10 @@ def add_results_commands(subparsers) -> None:
                         help="what stdout holds: table (aligned text with notes; the default), csv, json (a list "
                              "of row or group objects) or md (a Markdown table); with csv, json and md the "
                              "notes go to stderr")
+    parser.add_argument("--layers", action="store_true",
+                        help="also each run's BIPROP layers: weights, kept, and kept fraction per epoch (global "
+                             "pruning shares the weights out unevenly); table: a block per run after the table; "
+                             "json: a `layers` list in every run object")
     parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (full precision)")
     parser.add_argument("--out", metavar="FILE", help="write (or update) the summary archive, e.g. summary.h5")
     parser.add_argument("--plot", metavar="DIR", help="write PNG plots (top-1 against keep ratio, learning curves)")
@@ -727,13 +753,22 @@ def run_results_command(args) -> None:
     notes = format_left_out(rows) + ("\n" + format_passed_over(passed_over) if passed_over else "")
     if group_by:
         notes = f"grouped by: {', '.join(keys) or '(nothing varies: one group)'}\n\n{notes}"
+    layer_rows = [row for row in rows if row.record is not None] if getattr(args, "layers", False) else []
+    if layer_rows and (group_by or args.format not in ("table", "json")):
+        raise ValueError("--layers lists every run's layers: use it without --group-by/--best, with --format "
+                         "table or json")
+    if layer_rows and args.format == "json":
+        by_id = {row.run_id: layer_records(row) for row in layer_rows}
+        records = [{**record, "layers": by_id.get(record["run_id"], [])} for record in records]
     if args.format == "table":
         print(f"{aligned(*shown)}\n\n{notes}", flush=True)
+        for row in layer_rows:
+            print(f"\n{format_layers(row)}", flush=True)
     else:  # stdout holds the table alone, for a pipe or a file
         if args.format == "csv":
             sys.stdout.write(csv_text(columns, records))
         elif args.format == "json":
-            sys.stdout.write(json_text(records) + "\n")
+            sys.stdout.write(json_text(with_robustness(records, rows)) + "\n")
         else:
             sys.stdout.write(markdown(*shown) + "\n")
         sys.stdout.flush()
@@ -748,6 +783,31 @@ def run_results_command(args) -> None:
         from biprop_hpc.archive.plots import write_plots  # matplotlib only when plots are asked for
         write_plots(rows, args.plot)
     return None
+
+
+def layer_records(row: RunRow) -> list[dict]:
+    """A run's BIPROP layers (/layers) with their kept fraction at every recorded epoch (/kept_fraction)."""
+    kept = row.record.kept_fraction
+    columns = {name: [epoch_row[i] for epoch_row in kept["fractions"]] for i, name in enumerate(kept["layers"])}
+    return [{"name": layer["name"], "weights": layer["weights"], "kept": layer["kept"],
+             "kept_fraction": layer["kept"] / layer["weights"], "epochs": kept["epochs"],
+             "kept_fraction_per_epoch": columns.get(layer["name"], [])} for layer in row.record.layers]
+
+
+def format_layers(row: RunRow) -> str:
+    """A run's layers as text: name, weights, kept, kept % now and at the first and last recorded epoch."""
+    pruning = row.settings.get("pruning", "layerwise")
+    layers = layer_records(row)
+    epochs = layers[0]["epochs"] if layers else []
+    ends = sorted({epochs[0], epochs[-1]}) if epochs else []      # archives before /kept_fraction: none
+    header = ["layer", "weights", "kept", "kept %"] + [f"epoch {e} %" for e in ends]
+    cells = []
+    for layer in layers:
+        per_epoch = layer["kept_fraction_per_epoch"]
+        ends = [per_epoch[0], per_epoch[-1]][:len(header) - 4] if per_epoch else []
+        cells.append([layer["name"], str(layer["weights"]), str(layer["kept"]),
+                      f"{100 * layer['kept_fraction']:.2f}"] + [f"{100 * f:.2f}" for f in ends])
+    return f"{row.run_id} ({pruning} pruning)\n" + aligned(header, cells, [False] + [True] * (len(header) - 1))
 
 
 def no_runs_message(paths: list[str], passed_over: list[tuple[Path, str]], out: str | None) -> str:

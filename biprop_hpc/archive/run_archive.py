@@ -15,6 +15,11 @@ Schema (version 2; version 1 files, which lack the restart records and the heart
   /final       attributes once the run completed: best_epoch, test_loss, test_top1, test_top5, and
                best_val_top1 when the run had a validation split (absent, never NaN, when it had none)
   /layers      compound table, one row per BIPROP layer: name, weights, kept, alpha
+  /kept_fraction  group, one row per completed epoch (absent in older archives): `epoch` (int64, a dimension
+               scale), `layer` (the BIPROP layers' names, module order, as /layers) and `fraction` (float64, epochs x
+               layers): each layer's kept fraction (kept / weights) as validated at the end of that epoch. Constant
+               for layerwise pruning; under global pruning (README) it shows how the one threshold shares the
+               weights out among layers, epoch by epoch
   /restarts    compound table, one row per continuation of the run: time (ISO 8601 UTC), epoch (epochs
                finished before it), step (steps of the next epoch already done), reason (why the previous
                process stopped, e.g. "SIGUSR1", or "unknown (no stop recorded)" after a kill)
@@ -22,6 +27,12 @@ Schema (version 2; version 1 files, which lack the restart records and the heart
                replaces it): rank, host (its host name), local_rank and local_size (its index among, and the
                number of, the ranks on its host, as the launcher placed them), device ("cpu", "cuda:1", ...).
                Archives written before it existed have none (read as [])
+  /robustness  group, only after `biprop evaluate --corruptions` stored its results here (the latest evaluation
+               replaces it): attributes source ("generate" or the directory read), seed (of the generated
+               corruptions), evaluated (the checkpoint or ticket scored), time (ISO 8601 UTC), clean_top1 (the
+               clean test split), mean_top1 (mean over every corruption and severity); `table`, a compound table
+               with one row per corruption and severity: corruption, severity (1..5), top1, top5, loss, count
+               (samples scored, over all ranks)
 
 Every text is a variable-length UTF-8 string (h5py.string_dtype()): h5py reads the attributes back as str;
 string fields of datasets (layers, restarts, ranks) it reads as bytes, as it does every dataset string (h5py's
@@ -51,6 +62,8 @@ LAYER_DTYPE = np.dtype([("name", h5py.string_dtype()), ("weights", np.int64), ("
                         ("alpha", np.float64)])
 RESTART_DTYPE = np.dtype([("time", h5py.string_dtype()), ("epoch", np.int64), ("step", np.int64),
                           ("reason", h5py.string_dtype())])
+ROBUSTNESS_DTYPE = np.dtype([("corruption", h5py.string_dtype()), ("severity", np.int64), ("top1", np.float64),
+                             ("top5", np.float64), ("loss", np.float64), ("count", np.int64)])
 RANK_DTYPE = np.dtype([("rank", np.int64), ("host", h5py.string_dtype()), ("local_rank", np.int64),
                        ("local_size", np.int64), ("device", h5py.string_dtype())])
 
@@ -67,6 +80,10 @@ class RunRecord:
     layers: list = field(default_factory=list)     # dicts with name, weights, kept, alpha
     restarts: list = field(default_factory=list)   # dicts with time, epoch, step, reason
     ranks: list = field(default_factory=list)      # dicts with rank, host, local_rank, local_size, device
+    # {} or /robustness: its attributes, and "rows" (dicts with ROBUSTNESS_DTYPE's fields)
+    robustness: dict = field(default_factory=dict)
+    # {"layers": [names], "epochs": [epoch numbers], "fractions": [[per layer] per epoch]}
+    kept_fraction: dict = field(default_factory=lambda: {"layers": [], "epochs": [], "fractions": []})
 
     @property
     def config(self) -> dict:
@@ -89,8 +106,59 @@ def write_archive(path: str | Path, record: RunRecord) -> None:
             h5.create_dataset("restarts", data=np.array(rows, dtype=RESTART_DTYPE))
             rows = [(r["rank"], r["host"], r["local_rank"], r["local_size"], r["device"]) for r in record.ranks]
             h5.create_dataset("ranks", data=np.array(rows, dtype=RANK_DTYPE))
+            if record.robustness:
+                write_robustness(h5, record.robustness)
+            write_kept_fraction(h5.create_group("kept_fraction"), record.kept_fraction)
 
     replace_atomically(path, write)
+
+
+def write_kept_fraction(group: h5py.Group, kept: dict) -> None:
+    """The /kept_fraction group: epoch (dimension scale of fraction's rows), layer names, fraction[epoch, layer]."""
+    layers, epochs = list(kept.get("layers", [])), list(kept.get("epochs", []))
+    fractions = np.asarray(kept.get("fractions", []), dtype=np.float64).reshape(len(epochs), len(layers))
+    epoch = group.create_dataset("epoch", data=np.asarray(epochs, dtype=np.int64))
+    group.create_dataset("layer", data=np.array(layers, dtype=h5py.string_dtype()))
+    fraction = group.create_dataset("fraction", data=fractions)
+    if epoch.shape[0] == fraction.shape[0]:
+        epoch.make_scale("epoch")
+        fraction.dims[0].attach_scale(epoch)
+
+
+def read_kept_fraction(h5: h5py.File) -> dict:
+    if "kept_fraction" not in h5:
+        return {"layers": [], "epochs": [], "fractions": []}
+    group = h5["kept_fraction"]
+    return {"layers": [plain_value(name) for name in group["layer"][()]], "epochs": group["epoch"][()].tolist(),
+            "fractions": group["fraction"][()].tolist()}
+
+
+def write_robustness(h5: h5py.File, robustness: dict) -> None:
+    """The /robustness group (module docstring), replacing one already there."""
+    if "robustness" in h5:
+        del h5["robustness"]
+    group = h5.create_group("robustness")
+    for key, value in robustness.items():
+        if key != "rows":
+            group.attrs[key] = attribute_value(value)
+    rows = [tuple(row[name] for name in ROBUSTNESS_DTYPE.names) for row in robustness["rows"]]
+    group.create_dataset("table", data=np.array(rows, dtype=ROBUSTNESS_DTYPE))
+
+
+def read_robustness(h5: h5py.File) -> dict:
+    if "robustness" not in h5:
+        return {}
+    group = h5["robustness"]
+    rows = [{name: plain_value(row[name]) for name in ROBUSTNESS_DTYPE.names} for row in group["table"][()]]
+    return {**{key: plain_value(value) for key, value in group.attrs.items()}, "rows": rows}
+
+
+def corruption_means(rows: list[dict]) -> dict:
+    """{corruption: mean top-1 over its severities} of /robustness rows, in the rows' order."""
+    by_name: dict[str, list[float]] = {}
+    for row in rows:
+        by_name.setdefault(row["corruption"], []).append(row["top1"])
+    return {name: sum(values) / len(values) for name, values in by_name.items()}
 
 
 def attribute_value(value):
@@ -146,11 +214,14 @@ def read_archive(path: str | Path) -> RunRecord:
                       "local_rank": int(row["local_rank"]), "local_size": int(row["local_size"]),
                       "device": plain_value(row["device"])}
                      for row in (h5["ranks"][()] if "ranks" in h5 else [])]
+            kept_fraction = read_kept_fraction(h5)
+            robustness = read_robustness(h5)
     except ArchiveError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise ArchiveError(f"{path}: not a readable run archive ({error})") from None
-    return RunRecord(attrs, metrics, final, layers, restarts, ranks=ranks)
+    return RunRecord(attrs, metrics, final, layers, restarts, ranks=ranks, kept_fraction=kept_fraction,
+                     robustness=robustness)
 
 
 def plain_value(value):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from biprop_hpc.data.augment import Augmentation, augment_batch
 from biprop_hpc.data.datasets import DatasetInfo, Split
 
 
@@ -25,6 +26,8 @@ class Batch:
     images: torch.Tensor   # float32, normalised, B x C x H x W
     labels: torch.Tensor   # int64, B
     global_size: int       # samples in this step summed over all ranks
+    # AugMix with the consistency loss (data.augment): 2 x B x C x H x W augmented views of `images`, else None
+    views: torch.Tensor | None = None
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -44,9 +47,14 @@ def global_batch_bounds(num_samples: int, batch_size: int, world_size: int) -> l
 
 
 def normalise(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return normalise_unit(images.float() / 255.0, info)
+
+
+def normalise_unit(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """Floats in [0, 1] (channels in dimension -3), normalised with the dataset's mean and std."""
+    mean = torch.tensor(info.mean).view(-1, 1, 1)
+    std = torch.tensor(info.std).view(-1, 1, 1)
+    return (images - mean) / std
 
 
 def crop_and_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
@@ -93,9 +101,10 @@ class TrainBatches:
     """The training batches of one rank from an in-memory split, epoch by epoch."""
 
     def __init__(self, split: Split, info: DatasetInfo, batch_size: int, rank: int, world_size: int,
-                 seed: int, augment: bool):
+                 seed: int, augment: bool, augmentation: Augmentation = Augmentation()):
         self.split, self.info, self.seed = split, info, seed
         self.augment = augment and info.crop_padding > 0
+        self.augmentation = augmentation  # AugMix or noise after the crop and flip (data.augment)
         self.plan = TrainPlan(len(split), batch_size, rank, world_size, seed)
 
     def __len__(self) -> int:
@@ -119,7 +128,12 @@ class TrainBatches:
             images = self.split.images[index]
             if self.augment:
                 images = crop_and_flip(images, offsets[0, index], offsets[1, index], flips[index], pad)
-            yield Batch(normalise(images, self.info), self.split.labels[index], global_size)
+            if self.augmentation.kind == "none":
+                yield Batch(normalise(images, self.info), self.split.labels[index], global_size)
+                continue
+            images, views = augment_batch(images, index.tolist(), epoch, self.seed, self.augmentation)
+            yield Batch(normalise_unit(images, self.info), self.split.labels[index], global_size,
+                        None if views is None else normalise_unit(views, self.info))
 
 
 class EvalBatches:

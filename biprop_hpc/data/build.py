@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from biprop_hpc.choices import IMAGE_TREE_DATASETS
+from biprop_hpc.data.augment import Augmentation
 from biprop_hpc.data.batches import EvalBatches, TrainBatches, TrainPlan, eval_steps
 from biprop_hpc.data.datasets import held_out_split, load_splits
 from biprop_hpc.data.images import DaliLoader, Preprocess, TorchLoader, dali_available
@@ -34,7 +35,8 @@ def build_data(cfg, rank: int, world_size: int, device: torch.device) -> Data:
     if cfg.dataset in IMAGE_TREE_DATASETS:
         return _image_tree(cfg, rank, world_size, device)
     splits = load_splits(cfg.dataset, cfg.data, cfg.val_fraction, cfg.train_subset, cfg.test_subset)
-    return Data(TrainBatches(splits.train, splits.info, cfg.batch_size, rank, world_size, cfg.seed, cfg.augment),
+    return Data(TrainBatches(splits.train, splits.info, cfg.batch_size, rank, world_size, cfg.seed, cfg.augment,
+                             Augmentation.from_config(cfg)),
                 EvalBatches(splits.val, splits.info, cfg.eval_batch_size, rank, world_size),
                 EvalBatches(splits.test, splits.info, cfg.eval_batch_size, rank, world_size),
                 splits.in_channels, splits.info.num_classes, splits.image_size, "memory")
@@ -76,6 +78,9 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
     if cfg.test_subset:
         test = test.subset(range(min(cfg.test_subset, len(test))))
     loader = choose_loader(cfg.loader)
+    if cfg.augmentation != "none" and loader != "torch":  # only `auto` gets here: config.validate refuses dali
+        log.info("augmentation %s runs in the torch loader: reading images with it", cfg.augmentation)
+        loader = "torch"
     prep = Preprocess(cfg.crop_size, cfg.resize_size, cfg.random_area_min, cfg.channels_last)
     plan = TrainPlan(len(train), cfg.batch_size, rank, world_size, cfg.seed)
 
@@ -87,7 +92,8 @@ def _image_tree(cfg, rank: int, world_size: int, device: torch.device) -> Data:
         # Augmentation is keyed by (seed, epoch, sample), not by rank: see images.crop_window.
         if loader == "torch":
             return TorchLoader(images, steps_of_epoch, training, prep, cfg.loader_workers, cfg.seed,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda",
+                               augmentation=Augmentation.from_config(cfg) if training else Augmentation())
         return DaliLoader(images, steps_of_epoch, training, prep, device, cfg.loader_workers, cfg.seed,
                           cpu_only=loader == "dali-cpu")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from biprop_hpc.data.augment import Augmentation, augment_batch
 from biprop_hpc.data.batches import Batch
 from biprop_hpc.data.tree import BadImage, ImageList
 
@@ -246,10 +247,13 @@ def torch_transform(prep: Preprocess, training: bool):
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Item i (evaluation) or (i, epoch) (training) -> (image tensor, label)."""
+    """Item i (evaluation) or (i, epoch) (training) -> (image tensor, label), or with AugMix's consistency
+    loss (image tensor, 2 x C x H x W views, label)."""
 
-    def __init__(self, images: ImageList, training: bool, prep: Preprocess, seed: int):
+    def __init__(self, images: ImageList, training: bool, prep: Preprocess, seed: int,
+                 augmentation: Augmentation = Augmentation()):
         self.images, self.training, self.prep, self.seed = images, training, prep, seed
+        self.augmentation = augmentation
         self.transform = torch_transform(prep, training)
 
     def __len__(self):
@@ -271,15 +275,25 @@ class _FileDataset(torch.utils.data.Dataset):
                                     antialias=True)
             if flip:
                 image = TF.hflip(image)
+            if self.augmentation.kind != "none":  # AugMix or noise on the crop (data.augment)
+                return self._augmented(TF.pil_to_tensor(image), i, epoch)
         return self.transform(image), self.images.labels[i]
+
+    def _augmented(self, image: torch.Tensor, i: int, epoch: int):
+        from torchvision.transforms import functional as TF
+        images, views = augment_batch(image[None], [i], epoch, self.seed, self.augmentation)
+        normalised = TF.normalize(images[0], IMAGENET_MEAN, IMAGENET_STD)
+        if views is None:
+            return normalised, self.images.labels[i]
+        return normalised, TF.normalize(views[:, 0], IMAGENET_MEAN, IMAGENET_STD), self.images.labels[i]
 
 
 class TorchLoader:
     """The fallback: PIL decoding and torchvision transforms in DataLoader workers, same plan as DALI."""
 
     def __init__(self, images: ImageList, steps_of_epoch, training: bool, prep: Preprocess, workers: int,
-                 seed: int, pin_memory: bool = False):
-        self.dataset = _FileDataset(images, training, prep, seed)
+                 seed: int, pin_memory: bool = False, augmentation: Augmentation = Augmentation()):
+        self.dataset = _FileDataset(images, training, prep, seed, augmentation)
         self.steps_of_epoch, self.training = steps_of_epoch, training
         self.workers, self.pin_memory = workers, pin_memory
 
@@ -294,8 +308,11 @@ class TorchLoader:
         batches = [[(i, epoch) if self.training else i for i in index.tolist()] for index, _ in steps]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                              persistent_workers=False, pin_memory=self.pin_memory)
-        for (_, global_size), (images, labels) in zip(steps, loader):
-            yield Batch(images, labels, global_size)
+        for (_, global_size), items in zip(steps, loader):
+            if len(items) == 3:  # the views come B x 2 x C x H x W out of the collation
+                yield Batch(items[0], items[2], global_size, items[1].transpose(0, 1))
+            else:
+                yield Batch(items[0], items[1], global_size)
 
     def __iter__(self):
         return self.epoch(0)

@@ -19,6 +19,12 @@ no host-device synchronisation inside a training step. Three methods, the same r
   bench/results/h200-2026-11-29): the atomics collide on the few buckets a layer's scores occupy. The Triton
   kernels count in registers per chunk instead; not yet measured on a GPU (bench/gpu_check.sh).
 
+Global pruning (`set_global_keep_ratio`, nn/global_prune.py): before every computation the engine sets each layer's
+kept count from one threshold over all layers' |S| (one selection over all of them), then any method above
+computes the masks with those counts (graphed then runs as layerwise: the counts change between steps). On the CPU
+(float32/float64 layers, not batched) one C++ call does it all: each layer's mask comes straight from the global
+threshold and its ties, without a second selection per layer.
+
 Either way the semantics are SPEC.md's and layers.py's: the kept count n_keep, ties to the lower flat index,
 alpha = sum(|W| M) / n_keep (accumulated in float64), and the gradient dL/dS = dL/dW_eff * W * sign(S), per
 layer, so that gradients reach Horovod's hooks layer by layer during backward.
@@ -30,6 +36,7 @@ import contextlib
 import torch
 from torch import nn
 
+from biprop_hpc.nn.global_prune import apply_global_counts, global_effective_weights
 from biprop_hpc.nn.layers import BipropMixin, binary_masked_weight, score_gradient
 from biprop_hpc.nn.radix import ChunkLayout, masked_weights
 
@@ -106,6 +113,22 @@ class MaskEngine:
         self._n_keep_cache: tuple = (None, None)   # (device, kept counts) -> the counts on that device
         self._graphed: _GraphedLayers | None = None
         self._owns = False           # the layers' current weights were set by this engine for one forward
+        self.global_keep_ratio: float | None = None   # global pruning's kept fraction (None: layerwise)
+
+    def set_global_keep_ratio(self, keep_ratio: float | None) -> None:
+        """Global pruning at this kept fraction from now on (nn/global_prune.py); None: back to layerwise (each
+        layer's counts from its own keep_ratio)."""
+        self.global_keep_ratio = keep_ratio
+        if keep_ratio is None:
+            for layer in self.layers:
+                layer.keep_ratio = layer.keep_ratio
+        else:
+            self.apply_global_counts()
+
+    def apply_global_counts(self) -> None:
+        """Global pruning: every layer's kept count from one threshold over all layers' current scores."""
+        if self.global_keep_ratio is not None and self.layers:
+            apply_global_counts(self.layers, self.global_keep_ratio)
 
     # --- computing ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -113,9 +136,16 @@ class MaskEngine:
         """Every layer's W_eff (no autograd), by the engine's method."""
         if not self.layers:
             return []
+        if self.global_keep_ratio is not None and self.method != "batched":
+            # CPU: the threshold, the counts and the masks in one C++ call (None where it does not apply)
+            effective = global_effective_weights(self.layers, self.global_keep_ratio)
+            if effective is not None:
+                return effective
+        self.apply_global_counts()
         if self.method == "batched":
             return self.batched_effective_weights()
-        if self.method == "graphed" and self.layers[0].weight.is_cuda:
+        # global counts change from step to step: a graph would be captured again at each change
+        if self.method == "graphed" and self.layers[0].weight.is_cuda and self.global_keep_ratio is None:
             return self.graphed_effective_weights()
         return self.layerwise_effective_weights()
 

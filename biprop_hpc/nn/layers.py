@@ -186,6 +186,14 @@ class BipropMixin:
     def n_keep(self) -> int:
         return self._n_keep
 
+    def set_kept_count(self, n_keep: int) -> None:
+        """Keep exactly `n_keep` weights (global pruning sets each layer's own count; nn/global_prune.py) until
+        the next call or a change of keep_ratio."""
+        if not 1 <= n_keep <= self.weight.numel():
+            raise ValueError(f"a layer of {self.weight.numel()} weights keeps 1 to {self.weight.numel()}, "
+                             f"got {n_keep}")
+        self._n_keep = int(n_keep)
+
     def mask(self) -> torch.Tensor:
         return topk_mask(self.scores, self.n_keep)
 

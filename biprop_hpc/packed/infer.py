@@ -99,6 +99,8 @@ def _load(args, ctx):
         data = build_data(cfg, ctx.rank, ctx.size, device)
         model = model_from_config(cfg, data.in_channels, data.num_classes, data.image_size)
         model.load_state_dict(checkpoint["model"])
+        from biprop_hpc.nn.global_prune import set_run_pruning, trained_epoch
+        set_run_pruning(model, cfg, trained_epoch(checkpoint["state"]))  # global pruning: each layer's own count
         model = dense_ternary(model)
     return cfg, data, model.eval().requires_grad_(False)
 

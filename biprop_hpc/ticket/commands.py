@@ -153,9 +153,10 @@ def info_command(args) -> None:
     print(describe(read(args.path), args.path))
 
 
-def evaluate_ticket(path: str, split: str, ctx, data_dir: str = "", device: str = "auto") -> dict:
+def evaluate_ticket(path: str, split: str, ctx, data_dir: str = "", device: str = "auto", scorer=None) -> dict:
     """Score a ticket's network (rebuilt from the ticket alone) on its dataset's `split`, metrics reduced over
-    ranks: the same numbers as `biprop evaluate --checkpoint` gives for the checkpoint it was exported from."""
+    ranks: the same numbers as `biprop evaluate --checkpoint` gives for the checkpoint it was exported from.
+    Given `scorer`, return scorer(model, data, cfg, device) instead (train/robustness.py)."""
     from biprop_hpc.data.build import build_data
     from biprop_hpc.train.evaluate import evaluate
     from biprop_hpc.ticket.export import first_linear_in, module_from_ticket
@@ -177,6 +178,8 @@ def evaluate_ticket(path: str, split: str, ctx, data_dir: str = "", device: str 
                           f"{cfg.dataset} gives {data.image_size}x{data.image_size} (--data points at another "
                           "dataset?)")
     model = module_from_ticket(ticket, target)
+    if scorer is not None:
+        return scorer(model, data, cfg, target)
     return evaluate(model, getattr(data, split), target, ctx, autocast_for(cfg, target))
 
 
@@ -188,6 +191,9 @@ def evaluate_command(args, ctx) -> dict:
     """`biprop evaluate`: --ticket here, --checkpoint as before; exactly one of them."""
     if bool(args.ticket) == bool(args.checkpoint):
         raise ConfigError("evaluate: give either --checkpoint PATH or --ticket PATH")
+    if getattr(args, "corruptions", ""):  # the corrupted test sets (README: Robustness to corruptions)
+        from biprop_hpc.train.robustness import robustness_command
+        return robustness_command(args, ctx)
     if args.ticket:
         return evaluate_ticket(args.ticket, args.split, ctx, args.data, args.device)
     from biprop_hpc.train import evaluate_checkpoint

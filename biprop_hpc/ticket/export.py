@@ -18,6 +18,7 @@ from torch import nn
 import biprop_hpc
 from biprop_hpc.config import Config
 from biprop_hpc.nn import BipropMixin, biprop_layers, detach_mask_engine
+from biprop_hpc.nn.global_prune import set_run_pruning, trained_epoch
 from biprop_hpc.nn.layers import binary_masked_weight
 from biprop_hpc.ticket.file import LayerRecord, Ticket, TicketError, read, write_ticket
 from biprop_hpc.train.checkpoint import load_checkpoint
@@ -210,6 +211,8 @@ def ticket_from_checkpoint(path: str | Path) -> tuple[Ticket, nn.Module]:
     geometry = solve_geometry(cfg, {k: tuple(v.shape) for k, v in state.items()}, default, str(path))
     model = build(cfg, *geometry, device="meta").to_empty(device="cpu")   # no random init: all of it is loaded
     model.load_state_dict(state)
+    # global pruning: each layer's own kept count, from the scores and the schedule of the checkpoint's epoch
+    set_run_pruning(model, cfg, trained_epoch(checkpoint.get("state", {})))
     ticket = ticket_from_model(model, cfg, geometry, {"source": "biprop-hpc checkpoint", "source_file": path.name,
                                                       "source_bytes": path.stat().st_size})
     return ticket, model

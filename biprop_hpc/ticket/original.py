@@ -10,6 +10,12 @@ weights KEPT), `conv_type`, ... (or a bare state_dict). What the import reproduc
   higher flat index, as a stable ascending sort ranks them;
 - alpha = sum(|W| * M) / int(k * n), in float32 (the denominator can differ from the kept count);
 - W_eff = sign(W) * alpha * M.
+Global pruning (conv_type GlobalSubnetConv; "A Winning Hand"): the original recomputes, before every forward, one
+threshold T over the |scores| of all layers from the checkpoint's prune_rate k (trainers/default.py,
+global_prune_threshold: z = ascending sort of all |S|, T = z[int((1 - k) N) - 1]); each layer keeps |S| > T
+strictly and alpha = sum(|W| * M) / (its kept count) (utils/conv_type.py, GetGlobalSubnet). The import computes
+the same (the threshold by selection) and records each layer's own kept count. The prune_rate main.py saves is
+the schedule's value at that epoch, so a checkpoint saved during the decay imports at that kept fraction.
 Names (see the docstrings of biprop_hpc/models/*.py): `module.` prefixes (DataParallel) are dropped; in the
 Conv/VGG nets the original's `convs.i` is our `i` and its `linear.j` our `len(convs) + 1 + j`; in the ResNets
 its `conv1`, `bn1` are our `0`, `1`, its `layer{s}.{b}` our residual blocks in order (`downsample.*` is our
@@ -29,6 +35,7 @@ from torch import nn
 
 from biprop_hpc.config import Config, ConfigError
 from biprop_hpc.nn import BipropMixin, topk_mask
+from biprop_hpc.nn.layers import kth_largest
 from biprop_hpc.ticket.export import build, check_shapes, solve_geometry, ticket_attrs
 from biprop_hpc.ticket.file import LayerRecord, Ticket, TicketError
 
@@ -48,7 +55,7 @@ ORIGINAL_ARCHS = {
 }
 SUPPORTED = sorted(set(ORIGINAL_ARCHS.values()))
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "wide_resnet34_2_bin")
-BIPROP_CONV_TYPES = ("SubnetConv",)
+BIPROP_CONV_TYPES = ("SubnetConv", "GlobalSubnetConv")
 
 
 def original_kept(numel: int, keep_ratio: float) -> int:
@@ -71,6 +78,28 @@ def original_alpha(weight: torch.Tensor, mask: torch.Tensor, keep_ratio: float) 
         raise TicketError(f"keep ratio {keep_ratio} keeps int(k * n) = 0 of {weight.numel()} weights: the "
                           "original's alpha is 0/0 (NaN) there")
     return torch.sum(weight.abs() * mask.to(weight.dtype)) / denominator
+
+
+def original_global_threshold(scores: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
+    """The original's global pruning threshold (trainers/default.py, global_prune_threshold, run before every
+    forward, evaluation included): with z the ascending sort of the |S| of all layers together and
+    p = int((1 - k) * N), T = z[p - 1] (z[-1], the largest, when p = 0). Found by selection, not by a sort."""
+    flat = torch.cat([s.detach().abs().flatten() for s in scores])
+    position = int((1 - keep_ratio) * flat.numel())
+    return kth_largest(flat, flat.numel() - position + 1 if position else 1)
+
+
+def original_global_effective_weight(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor,
+                                     name: str) -> tuple[torch.Tensor, int]:
+    """(W_eff, kept count) of one GlobalSubnetConv (GetGlobalSubnet): M = |S| > T (strictly), alpha =
+    sum(|W| * M) / sum(M)."""
+    mask = scores.detach().abs() > threshold.to(scores.dtype)
+    kept = int(mask.sum())
+    if kept == 0:
+        raise TicketError(f"layer {name} keeps no weight under the global threshold {float(threshold):g}: the "
+                          "original's alpha is 0/0 (NaN) there, so its outputs are NaN; nothing to import")
+    alpha = torch.sum(weight.abs() * mask.to(weight.dtype)) / kept
+    return torch.sign(weight) * (alpha * mask.to(weight.dtype)), kept
 
 
 def original_effective_weight(weight: torch.Tensor, scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -224,7 +253,7 @@ def import_original(path: str | Path, model: str | None = None, *, keep_ratio: f
     conv_type = meta.get("conv_type")
     if conv_type is not None and conv_type not in BIPROP_CONV_TYPES:
         raise TicketError(f"{path}: conv_type {conv_type!r}; only BIPROP checkpoints ({', '.join(BIPROP_CONV_TYPES)}: "
-                          "a per-layer top-k mask) can be imported")
+                          "a per-layer top-k mask or one global threshold) can be imported")
     name = our_model_name(model, meta.get("arch"))
     k = keep_ratio if keep_ratio is not None else meta.get("prune_rate")
     if k is None:
@@ -238,7 +267,9 @@ def import_original(path: str | Path, model: str | None = None, *, keep_ratio: f
     imagenet = name in IMAGENET_MODELS
     dataset = dataset or ("imagenet" if imagenet else "cifar10")
     base = {"model": name, "keep_ratio": k, "dataset": dataset, "data": data or "", "config_name": f"original-{name}",
-            "name": path.stem, "weight_init": "kn"}
+            "name": path.stem, "weight_init": "kn",
+            "pruning": "global" if conv_type == "GlobalSubnetConv" else "layerwise",
+            "prune_rate_epoch": 0}  # the saved prune_rate is the fraction the checkpoint keeps: no schedule
     probe = build(Config.from_dict(base), 3, 10, 224 if imagenet else 32, "meta")
     ours = translate(state, probe)
     base.update(_layer_flags(ours, probe))
@@ -259,6 +290,10 @@ def import_original(path: str | Path, model: str | None = None, *, keep_ratio: f
 
 def _ticket(path: Path, cfg: Config, geometry: tuple, ours: dict, target: nn.Module, k: float, meta: dict) -> Ticket:
     layers, biprop = [], set()
+    threshold = None
+    if cfg.pruning == "global":   # GlobalSubnetConv: one threshold over all layers' scores, from prune_rate
+        threshold = original_global_threshold([ours[f"{name}.scores"].float() for name, layer in
+                                               target.named_modules() if isinstance(layer, BipropMixin)], k)
     for name, layer in target.named_modules():
         if not isinstance(layer, BipropMixin):
             continue
@@ -267,13 +302,16 @@ def _ticket(path: Path, cfg: Config, geometry: tuple, ours: dict, target: nn.Mod
         if isinstance(layer, nn.Conv2d):
             conv = {"stride": tuple(layer.stride), "padding": tuple(layer.padding),
                     "dilation": tuple(layer.dilation), "groups": layer.groups}
-        effective = original_effective_weight(weight, scores, k) + 0.0
-        layers.append(LayerRecord.from_effective_weight(name, effective, original_kept(weight.numel(), k), **conv))
+        if threshold is None:
+            effective, kept = original_effective_weight(weight, scores, k), original_kept(weight.numel(), k)
+        else:
+            effective, kept = original_global_effective_weight(weight, scores, threshold, name)
+        layers.append(LayerRecord.from_effective_weight(name, effective + 0.0, kept, **conv))
         biprop |= {f"{name}.weight", f"{name}.scores"}
     tensors = {key: value.detach().clone() for key, value in ours.items() if key not in biprop}
     attrs = ticket_attrs({"source": "original biprop checkpoint", "source_file": path.name,
                           "source_bytes": path.stat().st_size, "original_arch": str(meta.get("arch", "")),
-                          "original_prune_rate": k})
+                          "original_prune_rate": k, "original_conv_type": str(meta.get("conv_type", ""))})
     return Ticket(cfg.to_dict(), *geometry, layers, tensors, attrs)
 
 

@@ -36,13 +36,16 @@ from biprop_hpc.data.build import build_data
 from biprop_hpc.dist import batchnorm_statistics, scheduler_job_id, scheduler_nodes
 from biprop_hpc.models import LayerBuilder, build_model
 from biprop_hpc.nn import biprop_layers
+from biprop_hpc.nn.global_prune import at_target_keep_ratio, set_run_pruning, trained_epoch
 from biprop_hpc.train.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from biprop_hpc.train.evaluate import evaluate, to_device
 from biprop_hpc.train.lock import RunLock, RunLocked
+from biprop_hpc.train.losses import consistency_loss_sum
 from biprop_hpc.train.progress import EpochProgress, RunLog, start_line
 from biprop_hpc.train.schedule import lr_at_epoch
 from biprop_hpc.train.stopping import RunCheckpointed, StopRequests
-from biprop_hpc.train.watchdog import Watchdog, WatchedContext, rank_on_host
+from biprop_hpc.train.watchdog import (HEARTBEAT_DIR, Heartbeats, Watchdog, WatchedContext, rank_on_host,
+                                       reset_heartbeats)
 
 log = logging.getLogger("biprop_hpc")
 
@@ -86,6 +89,11 @@ def autocast_for(cfg: Config, device: torch.device):
 def layer_table(model: nn.Module) -> list[dict]:
     return [{"name": name, "weights": layer.weight.numel(), "kept": layer.n_keep,
              "alpha": float(layer.alpha())} for name, layer in biprop_layers(model)]
+
+
+def kept_fractions(model: nn.Module) -> list[float]:
+    """Every BIPROP layer's kept fraction now (n_keep / weights), in module order."""
+    return [layer.n_keep / layer.weight.numel() for _, layer in biprop_layers(model)]
 
 
 def versions(ctx) -> dict:
@@ -161,6 +169,11 @@ class Run:
         self.watchdog = Watchdog(cfg.hang_timeout, rank_on_host(ctx.rank, ctx.size), last_words=self._record_hang)
         self.ctx = ctx = WatchedContext(ctx, self.watchdog)
         self.is_root = ctx.rank == 0
+        self.record = None  # the archive's content (rank 0 writes it), from _set_up on
+        # Several ranks: watched from their first collective on (start-up included); one process: in fit().
+        heartbeats = ctx.size > 1 and cfg.hang_timeout > 0
+        if ctx.size > 1:
+            self.watchdog.start(start_up=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.lock = None  # rank 0: the run directory's lock, held until fit() ends
@@ -168,16 +181,25 @@ class Run:
 
         def claim() -> Config:
             claimed, self.lock = claim_directory(cfg)
+            if heartbeats:  # emptied before the other ranks know the directory: its files are this job's
+                reset_heartbeats(claimed.run_dir())
             return claimed
 
-        self.cfg = cfg = _on_root(ctx, "run_directory", claim)
+        try:
+            self.cfg = cfg = _on_root(ctx, "run_directory", claim)
+        except BaseException:
+            self.watchdog.stop()
+            raise
         self.dir = cfg.run_dir()
+        if heartbeats:  # whose heartbeat stopped: the watchdog's line names them (train/watchdog.py)
+            self.watchdog.attach(Heartbeats(self.dir / HEARTBEAT_DIR, ctx.rank, ctx.size, socket.gethostname()))
         self.checkpoints = self.dir / "checkpoints"
         if self.is_root:
             self.run_log = RunLog(log, self.dir)
         try:
             self._set_up(cfg, ctx)
         except BaseException:
+            self.watchdog.stop()
             self._release()
             raise
 
@@ -185,6 +207,7 @@ class Run:
         self.completed = _on_root(ctx, "completed_run", self._completed_result)
         if self.completed:
             return
+        self.watchdog.progress("the start-up (building the data and the model)")
         self.run_started = time.monotonic()  # the progress lines' elapsed and left times are this process's
         self.epoch_seconds = None  # the wall time of the last whole epoch this process ran
         self.device = ctx.device(cfg.device)
@@ -211,6 +234,7 @@ class Run:
                       "best_epoch": -1, "start_time": now(), "restarts": [], "stop_reason": None}
         self.partial = None  # this rank's totals of an epoch interrupted mid-way (resume)
         self._resume()
+        set_run_pruning(self.model, cfg, self.state["epoch"])  # global pruning: the counts the archive shows first
         self.first_epoch = self.state["epoch"]  # the first epoch this process runs
         self.record = RunRecord(self._attrs())
         self.next_heartbeat = 0.0
@@ -323,11 +347,13 @@ class Run:
                          "run add --new-name (the next free %s_N) or --name NAME", self.dir,
                          _percent(self.completed.get("test_top1")), self.completed.get("best_epoch", "?"),
                          self.cfg.name)
+            self.watchdog.stop()
             self._release()
             return self.completed
         try:
+            self.watchdog.start(start_up=True)  # (several ranks: since __init__) up to the first collective of fit,
+            self._announce()                    # which every rank reaches only once its start-up is done
             self.watchdog.start()
-            self._announce()
             if self.state["epoch"] == 0 and self.state["step"] == 0:
                 self._checkpoint(["initial.pt"])
             self._write_archive("running")  # visible from the start, with this continuation's restart row
@@ -379,6 +405,7 @@ class Run:
                                          cfg.milestones, cfg.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        set_run_pruning(self.model, cfg, epoch)  # global pruning: the epoch's kept fraction (from the epoch alone)
         started = time.monotonic()
         train = self._train_epoch(epoch, progress_lines=self.is_root and not sys.stderr.isatty())
         self.ctx.average_batchnorm(self.model)
@@ -389,10 +416,14 @@ class Run:
                "epoch_seconds": train["seconds"], "images_per_second": train["count"] / train["seconds"]}
         for name in METRICS:
             self.state["history"][name].append(row[name])
+        # each layer's kept fraction as validated (global pruning: from the final scores of the epoch)
+        self.state.setdefault("kept_fraction", []).append({"epoch": epoch + 1,
+                                                           "fractions": kept_fractions(self.model)})
         self.state["epoch"], self.state["step"] = epoch + 1, 0
         best = self.state["best_val_top1"]
-        # Without a validation split the last epoch's model is the one tested.
-        improved = val["count"] == 0 or best is None or val["top1"] > best
+        # Without a validation split the last epoch's model is the one tested. Global pruning: only an epoch that
+        # keeps keep_ratio can be the best (the schedule's earlier epochs keep more).
+        improved = at_target_keep_ratio(cfg, epoch) and (val["count"] == 0 or best is None or val["top1"] > best)
         if improved:
             self.state["best_val_top1"] = val["top1"] if val["count"] else None
             self.state["best_epoch"] = epoch + 1
@@ -446,12 +477,18 @@ class Run:
             group = step - step % passes
             group_end = min(group + passes, steps)
             images = to_device(batch.images, device)
+            if batch.views is not None:  # AugMix's clean and two augmented views in one pass, as the original
+                images = torch.cat([images, to_device(batch.views, device).flatten(0, 1)])
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = to_device(batch.labels, device)
             with self.autocast():
                 logits = model(images)
-            loss_sum = self.criterion(logits.float(), labels)
+            if batch.views is None:
+                loss_sum = self.criterion(logits.float(), labels)
+            else:
+                loss_sum = consistency_loss_sum(self.criterion, logits, labels, self.cfg.jsd_weight)
+                logits = logits[:len(labels)]  # accuracy on the clean images
             loss = loss_sum / sum(sizes[group:group_end])
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             totals += torch.stack([loss_sum.detach().double(), (logits.argmax(1) == labels).sum().double()])
@@ -517,6 +554,7 @@ class Run:
             best = load_checkpoint(self.checkpoints / "best.pt")
             self.model.load_state_dict(best["model"])
         self.ctx.broadcast_model(self.model)
+        set_run_pruning(self.model, self.cfg, max(self.state["best_epoch"] - 1, 0))  # the best epoch's schedule
         self.watchdog.progress("the test evaluation")
         test = evaluate(self.model, self.data.test, self.device, self.ctx, self.autocast, self.watchdog.progress)
         final = {"best_epoch": self.state["best_epoch"], "test_loss": test["loss"], "test_top1": test["top1"],
@@ -557,6 +595,9 @@ class Run:
         if status in ("completed", "failed", "interrupted"):
             self.record.attrs["end_time"] = now()
         self.record.metrics = self.state["history"]
+        self.record.kept_fraction = {"layers": [name for name, _ in biprop_layers(self.model)],
+                                     "epochs": [row["epoch"] for row in self.state.get("kept_fraction", [])],
+                                     "fractions": [row["fractions"] for row in self.state.get("kept_fraction", [])]}
         self.record.restarts = self.state["restarts"]
         write_archive(self.dir / "archive.h5", self.record)
         self.next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
@@ -565,8 +606,9 @@ class Run:
         """The watchdog's last words (its thread; the main thread is blocked): rank 0 marks the archive failed
         with the reason and gives the run directory back. Another rank cannot: rank 0 owns the archive."""
         if self.is_root:
-            self.record.attrs["end_reason"] = message
-            self._write_archive("failed", layers=False)
+            if self.record is not None:  # None in start-up, before the archive is first written
+                self.record.attrs["end_reason"] = message
+                self._write_archive("failed", layers=False)
             self._release()
 
     def _heartbeat(self) -> None:
@@ -600,12 +642,16 @@ def train(cfg: Config, ctx, stop: StopRequests | None = None) -> dict:
     return Run(cfg, ctx, stop).fit()
 
 
-def evaluate_checkpoint(path: str, split: str, ctx, data_dir: str = "", device: str = "auto") -> dict:
-    """Score a checkpoint's model on its dataset's `split` (test or val)."""
+def evaluate_checkpoint(path: str, split: str, ctx, data_dir: str = "", device: str = "auto", scorer=None) -> dict:
+    """Score a checkpoint's model on its dataset's `split` (test or val); or, given `scorer`, return
+    scorer(model, data, cfg, device) (train/robustness.py: the corrupted test sets)."""
     checkpoint = load_checkpoint(Path(path))
     cfg = Config.from_dict({**checkpoint["config"], **({"data": data_dir} if data_dir else {})}, origin=str(path))
     target = ctx.device(device)
     data = build_data(cfg, ctx.rank, ctx.size, target)
     model = model_from_config(cfg, data.in_channels, data.num_classes, data.image_size)
     model.load_state_dict(checkpoint["model"])
+    set_run_pruning(model, cfg, trained_epoch(checkpoint["state"]))
+    if scorer is not None:
+        return scorer(model.to(target), data, cfg, target)
     return evaluate(model.to(target), getattr(data, split), target, ctx, autocast_for(cfg, target))

@@ -29,6 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -39,8 +40,8 @@ constexpr i64 kChunk = 1 << 16;
 constexpr i64 kSample = 8192;
 constexpr int kLanes = 8;
 
-template <typename T>
-using Key = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+template <typename T>   // 16-bit keys: at::Half and at::BFloat16 scores (global_kept_counts only)
+using Key = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
 template <typename T>
 inline Key<T> bits_of(T value) {
@@ -150,7 +151,7 @@ struct Selection {
   double alpha;
 };
 
-// Buffers of the selection, kept per thread from call to call: allocating them anew each time costs more in
+// Buffers of the selection (layerwise and global), kept per thread from call to call: allocating them anew each time costs more in
 // page faults than the selection itself (fresh pages of large allocations are faulted in one by one).
 template <typename T>
 struct Scratch {
@@ -303,14 +304,229 @@ at::Tensor score_gradient(const at::Tensor& grad, const at::Tensor& scores, cons
   return out;
 }
 
+
+// ---- Global pruning (biprop_hpc/nn/global_prune.py): one threshold over the |S| of all layers together ----
+//
+// The layers' scores are read where they lie (no concatenation); "flat order" is the layers in list order, each
+// in its own flat order. The K-th largest key T over all of them is found as one layer's threshold is above: one
+// strided sample over all layers brackets T between lo <= hi, one pass over every layer's chunks counts the keys
+// below lo (and, for W_eff, sums |W| over keys above hi per layer) and collects the band, and T is an order
+// statistic of the band (the band is every key when the sample misses). Each layer keeps its keys > T plus the
+// ties at T in flat order while K is not reached, which is exactly its own top-n_l with ties to the lower flat
+// index. So global_effective_weights writes each layer's W_eff straight from T and its last kept tie, in the same
+// two passes as effective_weight: the global masks cost about what the layerwise ones cost, not a selection more.
+// A layer left with nothing keeps 1 weight, its largest |S| (effective_weight with n_keep 1); both ops return
+// each layer's count with that rule applied.
+
+struct Piece {   // one chunk of one layer
+  i64 layer, begin, end;
+};
+
+template <typename T>
+struct GlobalSelection {
+  Key<T> threshold;
+  std::vector<i64> counts;          // per layer: keys > T plus its kept ties (0: the layer collapses)
+  std::vector<i64> last_tie;        // per layer, as in Selection
+  std::vector<char> dropped_ties;   // per layer, as in Selection
+  std::vector<double> kept_sum;     // per layer: sum of |W| over what it keeps (with weights only)
+};
+
+// Over n entries: the count of keys < lo.
+template <typename T>
+__attribute__((target_clones("avx2", "default")))
+i64 count_below(const T* s, i64 n, Key<T> lo) {
+  i64 count[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) count[l] += magnitude_key(s[i + l]) < lo;
+  }
+  for (int l = 0; i < n; ++i, ++l) count[l] += magnitude_key(s[i]) < lo;
+  return std::accumulate(count, count + kLanes, i64(0));
+}
+
+// kWeights: also the per-layer sums of |W| over what each layer keeps (w: one pointer per layer).
+template <typename T, bool kWeights>
+bool global_select_in_band(const std::vector<const T*>& s, const std::vector<const T*>& w, const std::vector<Piece>& pieces,
+                           i64 n, i64 n_keep, Key<T> lo, Key<T> hi, GlobalSelection<T>& out) {
+  const i64 m = static_cast<i64>(pieces.size());
+  Scratch<T>& scratch = Scratch<T>::of_this_thread();   // per piece instead of per chunk
+  scratch.sure_sum.assign(m, 0.0);
+  scratch.below.assign(m, 0);
+  if (static_cast<i64>(scratch.band.size()) < m) scratch.band.resize(m);
+  at::parallel_for(0, m, 1, [&](i64 first, i64 last) {
+    for (i64 p = first; p < last; ++p) {
+      const Piece& piece = pieces[p];
+      const T* sp = s[piece.layer] + piece.begin;
+      const i64 size = piece.end - piece.begin;
+      if constexpr (kWeights) {
+        const T* wp = w[piece.layer] + piece.begin;
+        sums_outside_band(sp, wp, size, lo, hi, scratch.sure_sum[p], scratch.below[p]);
+        band_entries(sp, wp, size, piece.begin, lo, hi, scratch.band[p]);
+      } else {
+        scratch.below[p] = count_below(sp, size, lo);
+        band_entries(sp, sp, size, piece.begin, lo, hi, scratch.band[p]);   // |S| as the unused magnitude
+      }
+    }
+  });
+  i64 below_lo = 0, band_size = 0;
+  for (i64 p = 0; p < m; ++p) {
+    below_lo += scratch.below[p];
+    band_size += static_cast<i64>(scratch.band[p].size());
+  }
+  // T is the (n - n_keep)-th smallest key (0-based) overall, so this one within the band.
+  const i64 rank = n - n_keep - below_lo;
+  if (rank < 0 || rank >= band_size) return false;
+  std::vector<Key<T>>& order = scratch.order;
+  order.clear();
+  for (i64 p = 0; p < m; ++p) {
+    for (const BandEntry<T>& entry : scratch.band[p]) order.push_back(entry.key);
+  }
+  std::nth_element(order.begin(), order.begin() + rank, order.end());
+  const Key<T> threshold = order[rank];
+  i64 band_above = 0;
+  for (const Key<T> key : order) band_above += key > threshold;
+  // Every key above hi is kept; then each layer's band keys above T, and ties at T in flat order up to n_keep.
+  i64 ties_to_keep = n_keep - (n - below_lo - band_size) - band_above;
+  const i64 layers = static_cast<i64>(s.size());
+  out.threshold = threshold;
+  out.counts.assign(layers, 0);
+  out.last_tie.assign(layers, -1);
+  out.dropped_ties.assign(layers, 0);
+  out.kept_sum.assign(layers, 0.0);
+  for (i64 p = 0; p < m; ++p) {   // chunk sums first, in order: the summation order of select_in_band
+    const Piece& piece = pieces[p];
+    out.counts[piece.layer] += piece.end - piece.begin - scratch.below[p] - static_cast<i64>(scratch.band[p].size());
+    out.kept_sum[piece.layer] += scratch.sure_sum[p];
+  }
+  for (i64 p = 0; p < m; ++p) {
+    const i64 layer = pieces[p].layer;
+    for (const BandEntry<T>& entry : scratch.band[p]) {
+      const bool tie = entry.key == threshold;
+      const bool kept = entry.key > threshold || (tie && ties_to_keep > 0);
+      ties_to_keep -= tie && kept;
+      out.dropped_ties[layer] |= tie && !kept;
+      out.last_tie[layer] = tie && kept ? entry.index : out.last_tie[layer];
+      out.counts[layer] += kept;
+      if constexpr (kWeights) out.kept_sum[layer] += kept ? static_cast<double>(entry.magnitude) : 0.0;
+    }
+  }
+  return true;
+}
+
+template <typename T, bool kWeights>
+GlobalSelection<T> global_select(const std::vector<const T*>& s, const std::vector<const T*>& w,
+                                 const std::vector<i64>& sizes, i64 n_keep) {
+  std::vector<Piece> pieces;
+  i64 n = 0;
+  for (i64 l = 0; l < static_cast<i64>(sizes.size()); ++l) {
+    for (i64 begin = 0; begin < sizes[l]; begin += kChunk) pieces.push_back({l, begin, std::min(sizes[l], begin + kChunk)});
+    n += sizes[l];
+  }
+  GlobalSelection<T> result{};
+  if (n > 4 * kSample) {   // the sample strides over the layers laid end to end
+    const i64 stride = n / kSample;
+    std::vector<Key<T>> sample;
+    sample.reserve(n / stride + 1);
+    i64 layer = 0, start = 0;
+    for (i64 i = 0; i < n; i += stride) {
+      while (i >= start + sizes[layer]) start += sizes[layer++];
+      sample.push_back(magnitude_key(s[layer][i - start]));
+    }
+    std::sort(sample.begin(), sample.end());
+    const i64 m = static_cast<i64>(sample.size());
+    const double position = static_cast<double>(n - n_keep) / static_cast<double>(n - 1) * (m - 1);
+    const double margin = 4.0 * std::sqrt(static_cast<double>(m)) / 2.0 + 2.0;
+    const Key<T> lo = sample[std::max<i64>(static_cast<i64>(position - margin), 0)];
+    const Key<T> hi = sample[std::min<i64>(static_cast<i64>(position + margin) + 1, m - 1)];
+    if (global_select_in_band<T, kWeights>(s, w, pieces, n, n_keep, lo, hi, result)) return result;
+  }
+  global_select_in_band<T, kWeights>(s, w, pieces, n, n_keep, Key<T>(0), std::numeric_limits<Key<T>>::max(), result);
+  return result;
+}
+
+// The layers' sizes, after checking that `scores` are CPU tensors of one floating dtype and n_keep in [1, n].
+std::vector<i64> check_layers(at::TensorList scores, int64_t n_keep, const char* what) {
+  TORCH_CHECK(!scores.empty(), what, ": no layers");
+  std::vector<i64> sizes;
+  i64 n = 0;
+  for (const at::Tensor& s : scores) {
+    TORCH_CHECK(s.device().is_cpu(), what, ": CPU tensors only");
+    TORCH_CHECK(s.scalar_type() == scores[0].scalar_type(), what, ": the layers' dtypes differ");
+    sizes.push_back(s.numel());
+    n += s.numel();
+  }
+  TORCH_CHECK(n_keep >= 1 && n_keep <= n, what, ": n_keep out of range");
+  return sizes;
+}
+
+std::vector<int64_t> global_kept_counts(at::TensorList scores, int64_t n_keep) {
+  std::vector<i64> sizes = check_layers(scores, n_keep, "global_kept_counts");
+  if (n_keep == std::accumulate(sizes.begin(), sizes.end(), i64(0))) return sizes;
+  std::vector<at::Tensor> contiguous;
+  for (const at::Tensor& s : scores) contiguous.push_back(s.contiguous());
+  std::vector<int64_t> counts;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores[0].scalar_type(), "global_kept_counts", [&] {
+    std::vector<const scalar_t*> s;
+    for (const at::Tensor& t : contiguous) s.push_back(t.const_data_ptr<scalar_t>());
+    const GlobalSelection<scalar_t> selection = global_select<scalar_t, false>(s, {}, sizes, n_keep);
+    for (const i64 count : selection.counts) counts.push_back(std::max<i64>(count, 1));
+  });
+  return counts;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> global_effective_weights(at::TensorList scores,
+                                                                                   at::TensorList weights,
+                                                                                   int64_t n_keep) {
+  std::vector<i64> sizes = check_layers(scores, n_keep, "global_effective_weights");
+  TORCH_CHECK(weights.size() == scores.size(), "global_effective_weights: as many weights as scores");
+  std::vector<at::Tensor> s, w, out;
+  for (size_t l = 0; l < scores.size(); ++l) {
+    check_pair(scores[l], weights[l], "global_effective_weights");
+    s.push_back(scores[l].contiguous());
+    w.push_back(weights[l].contiguous());
+  }
+  std::vector<int64_t> counts(sizes);
+  if (n_keep == std::accumulate(sizes.begin(), sizes.end(), i64(0))) {
+    for (size_t l = 0; l < s.size(); ++l) out.push_back(effective_weight(s[l], w[l], sizes[l]));
+    return {out, counts};
+  }
+  AT_DISPATCH_FLOATING_TYPES(w[0].scalar_type(), "global_effective_weights", [&] {
+    std::vector<const scalar_t*> sp, wp;
+    for (size_t l = 0; l < s.size(); ++l) {
+      sp.push_back(s[l].const_data_ptr<scalar_t>());
+      wp.push_back(w[l].const_data_ptr<scalar_t>());
+    }
+    const GlobalSelection<scalar_t> selection = global_select<scalar_t, true>(sp, wp, sizes, n_keep);
+    for (size_t l = 0; l < s.size(); ++l) {
+      const i64 count = selection.counts[l];
+      if (count == 0) {   // the layer collapses: it keeps its largest |S|
+        out.push_back(effective_weight(s[l], w[l], 1));
+        counts[l] = 1;
+        continue;
+      }
+      at::Tensor layer_out = at::empty_like(w[l], at::MemoryFormat::Contiguous);
+      const Selection<scalar_t> own{selection.threshold, selection.last_tie[l], selection.dropped_ties[l] != 0,
+                                    selection.kept_sum[l] / static_cast<double>(count)};
+      write_effective(sp[l], wp[l], layer_out.mutable_data_ptr<scalar_t>(), sizes[l], own);
+      out.push_back(layer_out);
+      counts[l] = count;
+    }
+  });
+  return {out, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(biprop_masks, m) {
   m.def("effective_weight(Tensor scores, Tensor weight, int n_keep) -> Tensor");
   m.def("score_gradient(Tensor grad, Tensor scores, Tensor weight) -> Tensor");
+  m.def("global_kept_counts(Tensor[] scores, int n_keep) -> int[]");
+  m.def("global_effective_weights(Tensor[] scores, Tensor[] weights, int n_keep) -> (Tensor[], int[])");
 }
 
 TORCH_LIBRARY_IMPL(biprop_masks, CPU, m) {
   m.impl("effective_weight", &effective_weight);
   m.impl("score_gradient", &score_gradient);
+  m.impl("global_kept_counts", &global_kept_counts);
+  m.impl("global_effective_weights", &global_effective_weights);
 }
