@@ -475,7 +475,7 @@ def test_stdout_holds_only_the_requested_format(sweep, tmp_path, capsys):
     assert len(lines) == 2 + len(expected)
     assert all(line.startswith("| ") and line.endswith(" |") for line in lines[:1] + lines[2:])
     assert lines[0].split(" | ")[:4] == ["| config_name", "keep_ratio", "layer_type", "runs"]
-    assert lines[1] == "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    assert lines[1] == "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     assert "left out of the statistics" in err
 
 

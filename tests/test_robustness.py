@@ -223,6 +223,14 @@ def test_generate_scores_every_corruption_and_severity_and_stores_them_in_the_ar
         assert h5["table"]["corruption_top1"][0] == result["mean_top1"]
         copied = h5[f"runs/{run_id_of(run['dir'] / 'archive.h5')}/robustness"]
         assert copied.attrs["mean_top1"] == result["mean_top1"] and len(copied["table"]) == 45
+    # grouped (the study's table): the group's mean corruption top-1, in the table and in /groups
+    assert main(["results", str(run["dir"]), "--group-by", "keep_ratio", "--format", "md",
+                 "--out", str(tmp_path / "grouped.h5")]) == 0
+    header, _, line = capsys.readouterr().out.splitlines()[:3]
+    column = [cell.strip() for cell in header.split("|")].index("corrupt top-1")
+    assert [cell.strip() for cell in line.split("|")][column] == f"{result['mean_top1']:.2f} +- -"
+    with h5py.File(tmp_path / "grouped.h5", "r") as h5:
+        assert h5["groups"]["corruption_top1"][0] == result["mean_top1"]
 
 
 @pytest.mark.parametrize("grey_2d,labels_per_image", [(False, True), (True, False)])

@@ -53,7 +53,8 @@ Summary archive (--out FILE, HDF5, rewritten whole from the runs found now, atom
   /table     compound dataset, one row per run (the CSV's columns, `TABLE_COLUMNS`); missing numbers are NaN
              (floats) or -1 (counts)
   /groups    compound dataset, one row per group (with --group-by or --best): the group keys, runs, left_out,
-             mean and std of best_val_top1, test_top1, test_top5, paper_top1, paper_diff, best_run_id
+             mean and std of best_val_top1, test_top1, test_top5, corruption_top1; paper_top1, paper_diff,
+             best_run_id
   /runs/<run id>/   one group per readable run (nested as the run layout): the archive's root attributes
              plus source_path; metrics/ (datasets, epoch their dimension scale), final (attributes), layers,
              restarts and ranks (tables), robustness (a group as in the archive, when the run has one)
@@ -99,10 +100,11 @@ TABLE_COLUMNS = {
     "run_id": str, "path": str, "run": str, "config": str, "model": str, "type": str, "init": str,
     "batchnorm": str, "keep_ratio": float, "seed": int, "world_size": int, "epochs_done": int,
     "epochs_total": int, "restarts": int, "best_val_top1": float, "best_epoch": int, "test_top1": float,
-    "test_top5": float, "corruption_top1": float, "paper_top1": float, "paper_diff": float, "wall_seconds": float, "status": str,
+    "test_top5": float, "corruption_top1": float, "paper_top1": float, "paper_diff": float, "wall_seconds": float,
+    "status": str,
     "note": str,
 }
-STAT_COLUMNS = ("best_val_top1", "test_top1", "test_top5")
+STAT_COLUMNS = ("best_val_top1", "test_top1", "test_top5", "corruption_top1")
 # The group table's columns after the group keys (CSV, the summary's /groups), with their types.
 GROUP_COLUMNS = {"runs": int, "left_out": int,
                  **{name: float for column in STAT_COLUMNS for name in (column, f"{column}_std")},
@@ -534,9 +536,10 @@ def run_view(rows: list[RunRow]) -> tuple[list[str], list[list[str]], list[bool]
 
 def group_view(summaries: list[dict], keys: list[str]) -> tuple[list[str], list[list[str]], list[bool]]:
     """The group table as shown: header, formatted cells, right-aligned columns."""
-    header = keys + ["runs", "left out", "best val", "test top-1", "top-5", "paper", "diff", "best run (val)"]
+    header = keys + ["runs", "left out", "best val", "test top-1", "top-5", "corrupt top-1", "paper", "diff",
+                     "best run (val)"]
     numeric_keys = [group_columns(summaries, keys)[key] is float for key in keys]
-    right = numeric_keys + [True] * 7 + [False]
+    right = numeric_keys + [True] * 8 + [False]
     cells = []
     for s in summaries:
         stats = [f"{_text(s[c], '.2f')} +- {_text(s[c + '_std'], '.2f')}" if s[c] is not None else "-"
