@@ -196,7 +196,7 @@ def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterru
     """The scheduler's warning signal, for real: exit 75, a checkpoint at the step where it arrived, and
     `--resume auto` finishing with the metrics and scores of an uninterrupted run."""
     import signal
-    epochs = 4
+    epochs = 12  # about 0.3 s each on an idle machine: the signal, sent after the first, must come before the last
     process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "split", epochs)
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=120)
@@ -222,7 +222,8 @@ def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterru
 
 def test_ctrl_c_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny_idx_dir):
     import signal
-    process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "long", 5)
+    epochs = 30  # about 0.3 s each on an idle machine: Ctrl-C, sent after the first, must come before the last
+    process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "long", epochs)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -231,11 +232,11 @@ def test_ctrl_c_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny
     assert record.attrs["status"] == "interrupted" and record.attrs["end_time"]
     done_epochs = load_checkpoint(archive.parent / "checkpoints/last.pt")["state"]["epoch"]
     assert done_epochs >= 1 and record.metrics["epoch"][-1] >= done_epochs
-    assert done_epochs < 5, "the run ended before Ctrl-C came"
-    resumed = biprop(*args, "--epochs", "5", "--resume", "auto")
+    assert done_epochs < epochs, "the run ended before Ctrl-C came"
+    resumed = biprop(*args, "--epochs", str(epochs), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
     record = read_archive(archive)
-    assert record.metrics["epoch"] == [1, 2, 3, 4, 5]
+    assert record.metrics["epoch"] == list(range(1, epochs + 1))
     assert [r["reason"] for r in record.restarts] == ["interrupted (SIGINT)"]
 
 
