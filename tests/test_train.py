@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -182,8 +183,11 @@ def run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, name, epochs):
     import time
     args = ["train", "--dataset", "mnist", "--data", str(tiny_idx_dir), "--model", "conv2_bin", "--width-mult", "0.25",
             "--batch-size", "4", "--threads", "1", "--out", str(tmp_path), "--name", name, "--lr-schedule", "constant"]
+    # SIGINT at its default in the child: a shell starts background commands (a CI script run with `&`) with SIGINT
+    # ignored, which the child would inherit, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen([sys.executable, "-m", "biprop_hpc", *args, "--epochs", str(epochs)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     archive = tmp_path / f"default/keep=0.5/{name}/archive.h5"
     deadline = time.monotonic() + 120
     while not epochs_done(archive) and time.monotonic() < deadline and process.poll() is None:
@@ -195,7 +199,6 @@ def run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, name, epochs):
 def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterrupted_run(tmp_path, tiny_idx_dir):
     """The scheduler's warning signal, for real: exit 75, a checkpoint at the step where it arrived, and
     `--resume auto` finishing with the metrics and scores of an uninterrupted run."""
-    import signal
     epochs = 12  # about 0.3 s each on an idle machine: the signal, sent after the first, must come before the last
     process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "split", epochs)
     process.send_signal(signal.SIGUSR1)
@@ -221,7 +224,6 @@ def test_sigusr1_checkpoints_mid_run_and_the_continuation_ends_like_an_uninterru
 
 
 def test_ctrl_c_leaves_an_interrupted_archive_and_a_resumable_run(tmp_path, tiny_idx_dir):
-    import signal
     epochs = 30  # about 0.3 s each on an idle machine: Ctrl-C, sent after the first, must come before the last
     process, args, archive = run_cli_until_the_first_epoch(tmp_path, tiny_idx_dir, "long", epochs)
     process.send_signal(signal.SIGINT)
